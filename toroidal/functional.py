@@ -1,0 +1,91 @@
+"""`toroidal_attention`: the functional kernel on per-head tensors, before depth fusion."""
+
+from __future__ import annotations
+
+import torch
+
+from toroidal.geometry import TorusGeometry, expand_key_padding
+from toroidal.kernels import KernelRequest, resolve_backend
+
+
+def _check_inputs(q, k, v, depth, key_padding_mask) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be (B, H, N, e); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, h, _, e = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[-1] != e:
+        raise ValueError(
+            f"k and v must be (B, H_kv, N_k, e) matching q {tuple(q.shape)}; got {tuple(k.shape)}"
+        )
+    if h % k.shape[1]:
+        raise ValueError(f"query heads {h} must be a multiple of key/value heads {k.shape[1]}")
+    if e % depth:
+        raise ValueError(f"depth={depth} must divide the head dimension {e}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, k.shape[2]):
+        raise ValueError(
+            f"key_padding_mask must be (B, N_k) = {(b, k.shape[2])}; got {tuple(key_padding_mask.shape)}"
+        )
+
+
+def to_platters(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """(B, H, N, e) -> (B, H, N*D, e/D), position-major (platter-token p = i*D + k)."""
+    b, h, n, e = x.shape
+    return x.reshape(b, h, n * depth, e // depth)
+
+
+def from_platters(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """(B, H, N*D, e/D) -> (B, H, N, e)."""
+    b, h, length, w = x.shape
+    return x.reshape(b, h, length // depth, w * depth)
+
+
+def toroidal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    depth: int,
+    lambda_distance: float = 0.0,
+    period: int | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    q_offset: int = 0,
+    return_weights: bool = False,
+    always_tuple: bool = False,
+):
+    """Toroidal attention on per-head tensors.
+
+    q: (B, H, N_q, e); k, v: (B, H_kv, N_k, e) with H a multiple of H_kv (grouped
+    queries). Each head is split into `depth` platters of width e/D that attend on
+    the torus. `key_padding_mask` is (B, N_k), True for real tokens; `period=None`
+    means P = N_k; `q_offset` is the position of the first query (KV-cache decoding).
+
+    Returns (B, H, N_q, e), or (output, weights) with weights (B, H, N_q*D, N_k*D)
+    when `return_weights` is True (only backends that materialize scores can), or
+    always (output, weights-or-None) with `always_tuple`.
+    """
+    _check_inputs(q, k, v, depth, key_padding_mask)
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    geometry = TorusGeometry(
+        depth=depth,
+        period=period if period is not None else k.shape[2],
+        lambda_distance=float(lambda_distance),
+        causal=causal,
+        window=window,
+        q_offset=q_offset,
+    )
+    qp, kp, vp = (to_platters(t, depth) for t in (q, k, v))
+    padding = expand_key_padding(key_padding_mask, depth)
+    if scale is None:
+        scale = (q.shape[-1] // depth) ** -0.5
+    request = KernelRequest.for_tensors(qp, kp, geometry, padding, return_weights)
+    kernel = resolve_backend(backend, request)
+    out, weights = kernel.forward(qp, kp, vp, geometry, padding, scale, return_weights)
+    out = from_platters(out, depth)
+    return (out, weights) if (return_weights or always_tuple) else out
