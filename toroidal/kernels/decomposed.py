@@ -1,0 +1,342 @@
+"""`decomposed`: the torus bias split into exact low-rank pieces for PyTorch's fused CPU kernel.
+
+Why this is exact: inside a region of pairs where the ring distance is linear in
+the positions (near the diagonal: ring = |i - j|; across the seam: ring = P - |i - j|),
+the toroidal bias is
+
+    -lambda * ring(i, j) / P - lambda * |k - l| / D
+        = c(i) + r(k) + s * (lambda * j / P) + <A[k], B[l]>
+
+a per-query constant c(i) + r(k) (which softmax ignores inside one piece and which
+we add back to the piece's log-sum-exp), plus a dot product of D extra features
+(one for j, D-1 for |k - l|: the distance matrix minus its first column has rank
+D - 1). Appending those features to q and k turns the biased scores into plain
+scores, so each region runs through the fused flash kernel with no mask tensor.
+
+Regions are bands of m = i - j. Each band is cut into rectangles where the mask is
+full or block-causal ("j <= i" at position level; after reversing both sequences
+this also covers "j >= i"). Block-causal is the kernel's token-causal mask plus, per
+position, the platters l > k of the same position, added by a small exact fix-up.
+Pieces merge by log-sum-exp. The backward pass reruns each piece's fused backward
+with the merged output and log-sum-exp, as ring attention does, so memory stays
+O(L) beyond the kernel's own tiles.
+
+Valid for: CPU, float32, no circular window (or one that covers the whole ring),
+period P >= N (the ring wraps at most once), a full forward pass (no KV-cache offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from toroidal.kernels.base import Backend, register
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_PAD_SCORE = -1e9  # finite: exp() underflows to exactly 0 without inf - inf = NaN
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A rectangle of positions whose pairs all lie in one linear region of the ring.
+
+    `flip`: both sequences are reversed inside the rectangle (turns j >= i into j <= i).
+    `causal`: block-causal in the (possibly flipped) local frame, else full.
+    Region bias = alpha + beta * lambda*i/P + sign * lambda*j/P.
+    """
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    flip: bool
+    causal: bool
+    alpha: float  # in units of lambda
+    beta: int
+    sign: int
+
+
+# Linear forms of -ring/P per region, as (alpha, beta, sign) in units of lambda:
+# m = i - j in [0, h]: -(i - j)/P;  m in [-h, -1]: -(j - i)/P;
+# m >= h + 1: -(P - i + j)/P;  m <= -h - 1: -(P + i - j)/P.
+_NEAR_LOWER, _NEAR_UPPER = (0.0, -1, 1), (0.0, 1, -1)
+_FAR_LOWER, _FAR_UPPER = (-1.0, 1, -1), (-1.0, -1, 1)
+
+
+def _prefix(q0, q1, k0, k1, delta, flip, form, out):
+    """Pieces covering pairs (x, y) of local offsets with y <= x + delta in the rectangle."""
+    if q1 <= q0 or k1 <= k0:
+        return
+    if delta < 0:  # the first -delta queries see nothing here
+        if flip:
+            q1 += delta
+        else:
+            q0 -= delta
+        delta = 0
+        if q1 <= q0:
+            return
+    nq, nk = q1 - q0, k1 - k0
+    full_keys = min(delta, nk)
+
+    # Local offsets count from the rectangle's start, or from its end when flipped.
+    def qs(a, b):
+        return (q1 - b, q1 - a) if flip else (q0 + a, q0 + b)
+
+    def ks(a, b):
+        return (k1 - b, k1 - a) if flip else (k0 + a, k0 + b)
+
+    if full_keys:
+        out.append(Piece(*qs(0, nq), *ks(0, full_keys), flip, False, *form))
+    rest = nk - full_keys
+    if rest > 0:
+        square = min(nq, rest)
+        out.append(Piece(*qs(0, square), *ks(full_keys, full_keys + square), flip, True, *form))
+        if nq > rest:
+            out.append(Piece(*qs(rest, nq), *ks(full_keys, nk), flip, False, *form))
+
+
+def _lower(q0, q1, k0, k1, t, form, out):
+    """Pairs with m = i - j >= t."""
+    _prefix(q0, q1, k0, k1, q0 - t - k0, False, form, out)
+
+
+def _upper(q0, q1, k0, k1, t, form, out):
+    """Pairs with m = i - j <= t (reversed, this is a prefix rule again)."""
+    _prefix(q0, q1, k0, k1, (k1 - 1) - (q1 - 1) + t, True, form, out)
+
+
+def _band(n, lo, hi, form, out):
+    """Pairs of [0, n) x [0, n) with lo <= i - j <= hi, in rectangles of one mask type."""
+    width = hi - lo + 1
+    if width < 1:
+        return
+    for a in range(0, n, width):
+        b = min(a + width, n)
+        # Keys up to a - lo satisfy m >= lo for every query of the chunk; the rest satisfy m <= hi.
+        _upper(a, b, max(0, a - hi), max(0, min(n, a - lo + 1)), hi, form, out)
+        _lower(a, b, max(0, a - lo + 1), max(0, min(n, b - lo)), lo, form, out)
+
+
+@lru_cache(maxsize=64)
+def plan(n: int, period: int, causal: bool) -> tuple[Piece, ...]:
+    """The pieces covering every allowed pair of an n-position sequence (requires period >= n)."""
+    half = period // 2
+    out: list[Piece] = []
+    _band(n, 0, half, _NEAR_LOWER, out)
+    if half + 1 <= n - 1:
+        _lower(0, n, 0, n, half + 1, _FAR_LOWER, out)
+    if not causal:
+        _band(n, -half, -1, _NEAR_UPPER, out)
+        if half + 1 <= n - 1:
+            _upper(0, n, 0, n, -half - 1, _FAR_UPPER, out)
+    return tuple(p for p in out if p.q1 > p.q0 and p.k1 > p.k0)
+
+
+def _platter_factors(depth: int, lam: float, dtype):
+    """(A, B, r): -lam*|k-l|/D = r[k] + A[k] . B[l] with D-1 features."""
+    idx = torch.arange(depth, dtype=torch.float64)
+    m = -lam * (idx[:, None] - idx[None, :]).abs() / depth
+    r = m[:, 0].clone()
+    a = (m - r[:, None])[:, 1:]
+    b = torch.eye(depth, dtype=torch.float64)[:, 1:]
+    return a.to(dtype), b.to(dtype), r.to(dtype)
+
+
+class _Augmented:
+    """q, k, v with the bias features appended, shared by all pieces of one call.
+
+    Feature columns: [D-1 platter features | ring feature (if lambda) | padding (if any)].
+    The ring column of q is +1/scale or -1/scale by region, so two q variants are kept.
+    """
+
+    def __init__(self, q, k, v, geometry, key_padding, scale):
+        b, h, length, w = q.shape
+        depth, lam = geometry.depth, geometry.lambda_distance
+        n = length // depth
+        self.depth, self.scale, self.lam = depth, scale, lam
+        self.lam_over_p = lam / geometry.period
+        self.positions = torch.arange(n, device=q.device, dtype=torch.float32).repeat_interleave(depth)
+        a, bmat, r = _platter_factors(depth, lam, torch.float32)
+        self.platter_const = r.to(q.device).repeat(n)
+        cols_q, cols_k = [], []
+        if depth > 1 and lam:
+            cols_q.append(a.to(q.device).repeat(n, 1) / scale)
+            cols_k.append(bmat.to(q.device).repeat(n, 1))
+        if lam:
+            cols_q.append(torch.full((length, 1), 1.0 / scale, device=q.device))
+            cols_k.append((self.lam_over_p * self.positions)[:, None])
+        if key_padding is not None:
+            cols_q.append(torch.ones(length, 1, device=q.device))
+        extra_q = torch.cat(cols_q, -1).to(q.dtype) if cols_q else q.new_zeros(length, 0)
+        n_extra = extra_q.shape[-1]
+        self.q_plus = torch.cat([q, extra_q.expand(b, h, length, n_extra)], -1)
+        self.q_minus = self.q_plus
+        if lam:
+            ring_col = w + n_extra - 1 - (key_padding is not None)
+            self.q_minus = self.q_plus.clone()
+            self.q_minus[..., ring_col] = -1.0 / scale
+        k_parts = [k]
+        if cols_k:
+            extra_k = torch.cat(cols_k, -1).to(k.dtype)
+            k_parts.append(extra_k.expand(b, h, length, extra_k.shape[-1]))
+        if key_padding is not None:
+            pad_col = torch.where(key_padding, 0.0, _PAD_SCORE / scale).to(k.dtype)
+            k_parts.append(pad_col[:, None, :, None].expand(b, h, length, 1))
+        self.k = torch.cat(k_parts, -1)
+        self.v = torch.cat([v, v.new_zeros(b, h, length, n_extra)], -1)
+
+    def tokens(self, start: int, stop: int) -> slice:
+        return slice(start * self.depth, stop * self.depth)
+
+    def inputs(self, piece: Piece):
+        """(q, k, v) of a piece in its local (possibly reversed) frame."""
+        q = self.q_plus if piece.sign > 0 else self.q_minus
+        qs, ks = self.tokens(piece.q0, piece.q1), self.tokens(piece.k0, piece.k1)
+        parts = (q[:, :, qs], self.k[:, :, ks], self.v[:, :, ks])
+        return tuple(t.flip(-2) for t in parts) if piece.flip else parts
+
+    def row_constant(self, piece: Piece) -> torch.Tensor:
+        """c(i) + r(k) of the piece's query platter-tokens (original order)."""
+        qs = self.tokens(piece.q0, piece.q1)
+        ring = self.lam * piece.alpha + piece.beta * self.lam_over_p * self.positions[qs]
+        return ring + self.platter_const[qs]
+
+
+def _local(t: torch.Tensor, piece: Piece, aug: _Augmented) -> torch.Tensor:
+    """Rows of a (B, H, L, ...) tensor for the piece's queries, in its local frame."""
+    rows = t[:, :, aug.tokens(piece.q0, piece.q1)]
+    return rows.flip(2) if piece.flip else rows
+
+
+def _same_position_scores(q, k, depth, scale):
+    """Scores (B, H, n, D, D) of platters l > k at the same position: what token-causal misses."""
+    b, h, length, dim = q.shape
+    n = length // depth
+    s = torch.einsum("bhnkd,bhnld->bhnkl", q.reshape(b, h, n, depth, dim), k.reshape(b, h, n, depth, dim))
+    above = torch.ones(depth, depth, dtype=torch.bool, device=q.device).triu(1)
+    return (s.float() * scale).masked_fill(~above, float("-inf"))
+
+
+def _piece_forward(aug: _Augmented, piece: Piece):
+    """(output, log-sum-exp) of one piece, in its local frame, before the row constant."""
+    q, k, v = aug.inputs(piece)
+    out, lse = _flash_fwd(q, k, v, 0.0, piece.causal, scale=aug.scale)
+    if piece.causal and aug.depth > 1:
+        b, h, length, dim = q.shape
+        n, d = length // aug.depth, aug.depth
+        s = _same_position_scores(q, k, d, aug.scale)
+        lse_fix = torch.logsumexp(s, dim=-1).reshape(b, h, length)
+        merged = torch.logaddexp(lse, lse_fix)
+        p = torch.exp(s - merged.reshape(b, h, n, d, 1))
+        extra = torch.einsum("bhnkl,bhnld->bhnkd", p.to(v.dtype), v.reshape(b, h, n, d, dim))
+        out = out * torch.exp(lse - merged)[..., None].to(out.dtype) + extra.reshape(out.shape)
+        lse = merged
+    return out, lse
+
+
+def _piece_backward(aug: _Augmented, piece: Piece, grad, out, lse):
+    """Gradients (q, k, v) of one piece given the merged output and log-sum-exp (local frame)."""
+    q, k, v = aug.inputs(piece)
+    gq, gk, gv = _flash_bwd(grad, q, k, v, out, lse, 0.0, piece.causal, scale=aug.scale)
+    if piece.causal and aug.depth > 1:
+        b, h, length, dim = q.shape
+        n, d = length // aug.depth, aug.depth
+        shape5 = (b, h, n, d, dim)
+        p = torch.exp(_same_position_scores(q, k, d, aug.scale) - lse.reshape(b, h, n, d, 1))
+        g5, v5 = grad.reshape(shape5).float(), v.reshape(shape5).float()
+        row_dot = (g5 * out.reshape(shape5).float()).sum(-1, keepdim=True)
+        ds = p * (torch.einsum("bhnkd,bhnld->bhnkl", g5, v5) - row_dot) * aug.scale
+        gq = gq + torch.einsum("bhnkl,bhnld->bhnkd", ds, k.reshape(shape5).float()).reshape(q.shape)
+        gk = gk + torch.einsum("bhnkl,bhnkd->bhnld", ds, q.reshape(shape5).float()).reshape(k.shape)
+        gv = gv + torch.einsum("bhnkl,bhnkd->bhnld", p, g5).reshape(v.shape)
+    return gq, gk, gv
+
+
+def _valid_rows(geometry, key_padding, length):
+    """(B, 1, L, 1) bool: rows with at least one allowed real key (None when all rows have one)."""
+    if key_padding is None:
+        return None
+    real = key_padding[:, :: geometry.depth]
+    has = real.cumsum(dim=1) > 0 if geometry.causal else real.any(dim=1, keepdim=True).expand_as(real)
+    return has.repeat_interleave(geometry.depth, dim=1)[:, None, :, None]
+
+
+class _DecomposedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, geometry, key_padding, scale):
+        aug = _Augmented(q, k, v, geometry, key_padding, scale)
+        pieces = plan(q.shape[-2] // geometry.depth, geometry.period, geometry.causal)
+        b, h, length, dim = aug.q_plus.shape
+        out = q.new_zeros(b, h, length, dim)
+        lse = torch.full((b, h, length), float("-inf"), device=q.device)
+        for piece in pieces:
+            p_out, p_lse = _piece_forward(aug, piece)
+            if piece.flip:
+                p_out, p_lse = p_out.flip(2), p_lse.flip(2)
+            p_lse = p_lse + aug.row_constant(piece)
+            rows = aug.tokens(piece.q0, piece.q1)
+            merged = torch.logaddexp(lse[:, :, rows], p_lse)
+            out[:, :, rows] = out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
+            out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
+            lse[:, :, rows] = merged
+        valid = _valid_rows(geometry, key_padding, length)
+        if valid is not None:
+            out = out * valid
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid = geometry, key_padding, scale, valid
+        return out[..., : q.shape[-1]].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        aug = _Augmented(q, k, v, ctx.geometry, ctx.key_padding, ctx.scale)
+        pieces = plan(q.shape[-2] // ctx.geometry.depth, ctx.geometry.period, ctx.geometry.causal)
+        w, dim = q.shape[-1], out.shape[-1]
+        grad = torch.nn.functional.pad(grad, (0, dim - w))
+        if ctx.valid is not None:
+            grad = grad * ctx.valid
+        gq, gk, gv = torch.zeros_like(aug.q_plus), torch.zeros_like(aug.k), torch.zeros_like(aug.v)
+        for piece in pieces:
+            p_lse = lse[:, :, aug.tokens(piece.q0, piece.q1)] - aug.row_constant(piece)
+            local = (
+                _local(grad, piece, aug),
+                _local(out, piece, aug),
+                p_lse.flip(2) if piece.flip else p_lse,
+            )
+            pq, pk, pv = _piece_backward(aug, piece, *local)
+            if piece.flip:
+                pq, pk, pv = pq.flip(2), pk.flip(2), pv.flip(2)
+            gq[:, :, aug.tokens(piece.q0, piece.q1)] += pq
+            gk[:, :, aug.tokens(piece.k0, piece.k1)] += pk
+            gv[:, :, aug.tokens(piece.k0, piece.k1)] += pv
+        return gq[..., :w], gk[..., :w], gv[..., :w], None, None, None
+
+
+class DecomposedBackend(Backend):
+    name = "decomposed"
+    description = "exact low-rank split of the torus bias run through the fused CPU flash kernel"
+
+    def unavailable_reason(self, request):
+        g = request.geometry
+        if request.device_type != "cpu":
+            return "decomposed runs on CPU only (it calls the fused CPU flash kernel)"
+        if request.dtype != torch.float32:
+            return "decomposed needs float32"
+        if request.need_weights:
+            return "decomposed does not materialize weights; use backend='reference'"
+        if g.window is not None and 2 * g.window < g.period:
+            return "decomposed does not support a circular window smaller than the half ring"
+        if g.q_offset or request.n_queries != request.n_keys:
+            return "decomposed needs a full forward pass (no KV-cache query offset)"
+        if g.period < request.n_keys:
+            return f"decomposed needs period >= sequence length (P={g.period} < N={request.n_keys})"
+        return None
+
+    def forward(self, q, k, v, geometry, key_padding, scale, need_weights):
+        return _DecomposedAttention.apply(q, k, v, geometry, key_padding, scale), None
+
+
+register(DecomposedBackend())
