@@ -84,7 +84,7 @@ def toroidal_attention(
     padding = expand_key_padding(key_padding_mask, depth)
     if scale is None:
         scale = (q.shape[-1] // depth) ** -0.5
-    request = KernelRequest.for_tensors(qp, kp, geometry, padding, return_weights)
+    request = KernelRequest.for_tensors(qp, kp, vp, geometry, padding, return_weights)
     kernel = resolve_backend(backend, request)
     out, weights = kernel.forward(qp, kp, vp, geometry, padding, scale, return_weights)
     out = from_platters(out, depth)

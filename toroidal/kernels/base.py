@@ -30,12 +30,12 @@ class KernelRequest:
     has_padding: bool
 
     @classmethod
-    def for_tensors(cls, q, k, geometry, key_padding, need_weights) -> KernelRequest:
+    def for_tensors(cls, q, k, v, geometry, key_padding, need_weights) -> KernelRequest:
         depth = geometry.depth
         return cls(
             device_type=q.device.type,
             dtype=q.dtype,
-            requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad),
+            requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
             need_weights=need_weights,
             geometry=geometry,
             n_queries=q.shape[-2] // depth,
