@@ -1,0 +1,1 @@
+"""toroidal_cli: the `toroidal` command line (Typer + Rich) over the `toroidal` library."""

@@ -1,0 +1,53 @@
+"""The `toroidal` command: seven subcommands, one module each, registered here in help order."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+
+import toroidal
+from toroidal_cli.errors import UserError, print_user_error, user_errors
+
+# Help order. Each name is a module in toroidal_cli/commands (see its __init__ for the contract).
+COMMAND_NAMES = ("train", "eval", "bench", "longbench", "scrolls", "profile", "validate")
+COMMANDS = {name: importlib.import_module(f"toroidal_cli.commands.{name}") for name in COMMAND_NAMES}
+
+app = typer.Typer(
+    name="toroidal",
+    help="Train, benchmark, evaluate and validate toroidal attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+for _name, _module in COMMANDS.items():
+    app.command(_name, help=_module.HELP, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(
+        user_errors(_name)(_module.command)
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"toroidal {toroidal.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Train, benchmark, evaluate and validate toroidal attention."""
+
+
+def main() -> None:
+    try:
+        app(prog_name="toroidal")
+    except UserError as error:  # raised outside a command (commands handle their own)
+        print_user_error(error)
+        sys.exit(error.exit_code)

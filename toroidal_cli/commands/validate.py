@@ -1,0 +1,87 @@
+"""`toroidal validate`: run the library's correctness checks, show a table, optionally write JSON."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from toroidal.kernels import backend_names
+from toroidal.validation import CheckResult, run_check, summarize, validation_suite
+from toroidal_cli import render
+from toroidal_cli.errors import UserError
+from toroidal_cli.options import check_out_path, dtype_name, invocation_argv, parse_device, parse_dtype
+from toroidal_cli.results import capture_env, make_record, write_result
+
+HELP = (
+    "Check toroidal attention against its definition; exit 1 if any check fails.\n\n"
+    "Distances, cyclic-shift invariance, causality, padding, gradients, and every backend "
+    "against the reference backend (values and input gradients)."
+)
+
+COLUMNS = [
+    render.Column("name", "check", no_wrap=True),
+    render.Column("status", "status"),
+    render.Column("error", "measured error", justify="right"),
+    render.Column("tolerance", "tolerance", justify="right"),
+    render.Column("detail", "detail", style="dim"),
+]
+
+
+def command(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Option(help="Device to check on: cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the backend checks: fp32, fp16 or bf16 (properties use fp32).")
+    ] = "fp32",
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer backend cases (3 instead of 9).")] = False,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", "-b", help="Check only this backend against reference (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")
+    ] = None,
+) -> None:
+    torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+    check_out_path(out)
+    backends = list(backend) if backend else None
+    unknown = [name for name in backends or [] if name not in backend_names()]
+    if unknown:
+        raise UserError(f"unknown backend {unknown[0]!r}", f"choose from {', '.join(backend_names())}")
+
+    suite = validation_suite(torch_device, torch_dtype, quick=quick, backends=backends)
+    checks: list[CheckResult] = []
+    start = time.perf_counter()
+    with render.progress() as bar:
+        task = bar.add_task("validate", total=len(suite))
+        for group, check in suite:
+            bar.update(task, description=group)
+            checks.extend(run_check(group, check))
+            bar.advance(task)
+    seconds = time.perf_counter() - start
+
+    summary = {**summarize(checks), "seconds": round(seconds, 2)}
+    render.console.print(render.table([c.to_dict() for c in checks], COLUMNS, title="toroidal validate"))
+    verdict = "[bold green]all checks pass[/]" if summary["ok"] else "[bold red]some checks fail[/]"
+    render.console.print(
+        f"{verdict}: {summary['pass']} pass, {summary['fail']} fail, {summary['skip']} skip "
+        f"on {torch_device} in {seconds:.1f} s"
+    )
+
+    if out is not None:
+        config = {
+            "device": str(torch_device),
+            "dtype": dtype_name(torch_dtype),
+            "quick": quick,
+            "backends": backends or [name for name in backend_names() if name != "reference"],
+        }
+        payload = {"checks": [c.to_dict() for c in checks], "summary": summary}
+        record = make_record(
+            "validate", config, payload, argv=invocation_argv(ctx), env=capture_env(torch_device)
+        )
+        render.console.print(f"wrote {write_result(out, record)}")
+    if not summary["ok"]:
+        raise typer.Exit(1)

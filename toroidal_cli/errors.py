@@ -1,0 +1,75 @@
+"""Errors a user can cause: one red line naming the problem and the fix, no traceback.
+
+Commands raise `UserError`; `user_errors` (wrapped around every command by the app)
+prints it and exits with its code. Typer's own usage errors (unknown option, bad
+value type) keep Typer's formatting and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.text import Text
+
+from toroidal_cli.render import err_console
+
+
+class UserError(Exception):
+    """A problem the user can fix: `message` names it, `fix` (optional) says what to do."""
+
+    def __init__(self, message: str, fix: str | None = None, exit_code: int = 1):
+        super().__init__(message)
+        self.message, self.fix, self.exit_code = message, fix, exit_code
+
+    def line(self) -> str:
+        text = self.message if not self.fix else f"{self.message}; {self.fix}"
+        return " ".join(text.split())  # one line, whatever the message contained
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+def print_user_error(error: UserError, prefix: str = "toroidal") -> None:
+    # soft_wrap: never break the line at the terminal width; Text: no markup parsing of user input.
+    err_console.print(Text(f"{prefix}: {error.line()}", style="bold red"), soft_wrap=True)
+
+
+@contextmanager
+def as_user_error(fix: str) -> Iterator[None]:
+    """Turn a ValueError from validating user input (e.g. `ToroidalConfig(...)`) into a UserError."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(str(error), fix) from None
+
+
+# Until a subcommand has its options, it accepts any arguments so that it always gives the one message.
+STUB_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def not_implemented() -> None:
+    """The one message for subcommands that later work will fill in (printed as `toroidal <cmd>: ...`)."""
+    raise UserError("not implemented yet", exit_code=2)
+
+
+def user_errors(name: str) -> Callable[[Callable], Callable]:
+    """Decorator for a command callback: UserError -> red line prefixed `toroidal <name>:` and exit code."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)  # keeps the signature Typer reads the options from
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except UserError as error:
+                print_user_error(error, prefix=f"toroidal {name}")
+                raise typer.Exit(error.exit_code) from None
+            except KeyboardInterrupt:
+                err_console.print(Text(f"toroidal {name}: interrupted", style="bold red"), soft_wrap=True)
+                raise typer.Exit(130) from None
+
+        return wrapper
+
+    return decorate
