@@ -39,6 +39,10 @@ _MIN_CUDA_WIDTH = 16  # the Triton kernel's tl.dot needs head dim >= 16
 @functools.cache
 def _compiled_flex():
     # FlexAttention is only fused under torch.compile; eager falls back to a slow reference.
+    # Each mask/score structure (causal, window, padding, bias on/off, dtype) is one graph:
+    # more than dynamo's default 8, and falling back to eager flex would be silently slow.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     return torch.compile(flex_attention)
 
 
