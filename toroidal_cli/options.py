@@ -73,3 +73,106 @@ def check_out_path(path: Path | None) -> Path | None:
     if path is not None and path.is_dir():
         raise UserError(f"--out {path} is a folder", "give --out a file name such as results/run.json")
     return path
+
+
+# --- sweep values and YAML configs (bench, profile; any command with presets) ---------------------
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # presets of a source checkout
+
+
+def split_items(value) -> list:
+    """A flag's comma list ('256, 1024'), a YAML list, or one YAML scalar, as a list of items."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _is_none(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))
+
+
+def parse_int(value, where: str, minimum: int = 1, none_ok: bool = False) -> int | None:
+    """An integer >= `minimum` from a flag string or a YAML value; 'none' too if `none_ok`."""
+    if none_ok and _is_none(value):
+        return None
+    wanted = f"an integer >= {minimum}" + (" or 'none'" if none_ok else "")
+    if isinstance(value, bool):
+        raise UserError(f"{where}: {value!r} is not {wanted}")
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise UserError(f"{where}: {value!r} is not {wanted}") from None
+    if not isinstance(number, int) or number < minimum:
+        raise UserError(f"{where}: {value!r} is not {wanted}")
+    return number
+
+
+def parse_float(value, where: str, minimum: float = 0.0) -> float:
+    """A finite number >= `minimum` from a flag string or a YAML value."""
+    try:
+        number = float(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    valid = isinstance(number, (int, float)) and not isinstance(number, bool)
+    if not valid or not minimum <= number < float("inf"):
+        raise UserError(f"{where}: {value!r} is not a number >= {minimum:g}")
+    return float(number)
+
+
+def parse_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise UserError(f"{where}: {value!r} is not true or false")
+
+
+def config_path(spec: str, kind: str) -> Path:
+    """A YAML config: a path, or a preset name looked up in ./configs/<kind>, then in the checkout's."""
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if not path.is_file():
+            raise UserError(f"config file {spec} does not exist", "pass a YAML file or a preset name")
+        return path
+    folders = [Path("configs") / kind, REPO_CONFIGS / kind]
+    for folder in folders:
+        for suffix in (".yaml", ".yml"):
+            if (folder / f"{spec}{suffix}").is_file():
+                return folder / f"{spec}{suffix}"
+    names = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.y*ml")})
+    raise UserError(
+        f"unknown {kind} preset {spec!r}",
+        f"choose one of {', '.join(names)} or pass a YAML file" if names else "pass a YAML file",
+    )
+
+
+def load_config(path: Path, known_keys: tuple[str, ...]) -> dict:
+    """A YAML mapping, keys in snake_case ('seq-len' = 'seq_len') and checked against `known_keys`."""
+    import yaml  # only commands with configs need it
+
+    fix = "fix the YAML file"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror}", "check the path") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(f"config {path} is not valid YAML{at}: {problem}", fix) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of option names to values", fix)
+    config = {str(key).strip().replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(config) - set(known_keys))
+    if unknown:
+        raise UserError(
+            f"config {path}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(known_keys)}"
+        )
+    return config
