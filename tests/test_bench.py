@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 import toroidal.bench as bench
-from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops, chosen_backend
+from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops
+from toroidal.functional import selected_backend as chosen_backend
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 

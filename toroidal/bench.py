@@ -42,9 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toroidal.functional import to_platters, toroidal_attention
-from toroidal.geometry import TorusGeometry, expand_key_padding
-from toroidal.kernels import BackendUnavailable, KernelRequest, backend_names, get_backend, resolve_backend
+from toroidal.functional import selected_backend, toroidal_attention
+from toroidal.kernels import BackendUnavailable, backend_names, get_backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -245,49 +244,13 @@ class BenchSweep:
 # --- which backend runs, what it would materialize, what it computes ------------------------------
 
 
-def chosen_backend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    depth: int,
-    lambda_distance: float = 0.0,
-    period: int | None = None,
-    causal: bool = False,
-    window: int | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    backend: str = "auto",
-    q_offset: int = 0,
-    return_weights: bool = False,
-    **_ignored,
-) -> str:
-    """The backend `toroidal_attention` would run for these arguments (same keywords), by name.
-
-    Raises `BackendUnavailable` exactly where the call would. Mirrors how
-    `toroidal.functional.toroidal_attention` builds its `KernelRequest`.
-    """
-    geometry = TorusGeometry(
-        depth=depth,
-        period=period if period is not None else k.shape[2],
-        lambda_distance=float(lambda_distance),
-        causal=causal,
-        window=window,
-        q_offset=q_offset,
-    )
-    qp, kp, vp = (to_platters(t, depth) for t in (q, k, v))
-    request = KernelRequest.for_tensors(
-        qp, kp, vp, geometry, expand_key_padding(key_padding_mask, depth), return_weights
-    )
-    return resolve_backend(backend, request).name
-
-
 def case_backend(case: BenchCase) -> str:
     """The backend a case runs (auto resolved), from stride-0 stand-ins: nothing is allocated or computed."""
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     with torch.set_grad_enabled(case.training):
         stand_in = torch.empty((), device=case.device, dtype=DTYPES[case.dtype], requires_grad=case.training)
         q = stand_in.expand(shape)
-        return chosen_backend(
+        return selected_backend(
             q,
             q,
             q,
@@ -841,16 +804,10 @@ def _runner(isolate: bool) -> Iterator[Callable]:
 def clear_backend_caches() -> None:
     """Drop the per-geometry caches backends keep (sdpa's (L x L) masks, flex's block masks).
 
-    In-process rows would otherwise inherit earlier rows' device memory. Uses a backend's
-    `clear_cache()` where it has one, else its `_cache` mapping (no public API yet).
+    In-process rows would otherwise inherit earlier rows' device memory.
     """
     for name in backend_names():
-        backend = get_backend(name)
-        clear = getattr(backend, "clear_cache", None)
-        if callable(clear):
-            clear()
-        elif isinstance(getattr(backend, "_cache", None), dict):
-            backend._cache.clear()
+        get_backend(name).clear_cache()
 
 
 def summarize(rows: list[dict], seconds: float) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from toroidal.geometry import TorusGeometry, expand_key_padding
@@ -40,6 +42,53 @@ def from_platters(x: torch.Tensor, depth: int) -> torch.Tensor:
     return x.reshape(b, h, length // depth, w * depth)
 
 
+@dataclass(frozen=True)
+class PlannedCall:
+    """One attention call in kernel form: platter-token tensors, geometry, padding, scale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    geometry: TorusGeometry
+    padding: torch.Tensor | None
+    scale: float
+    request: KernelRequest
+
+
+def plan_call(
+    q, k, v, *, depth, lambda_distance=0.0, period=None, causal=False, window=None,
+    key_padding_mask=None, scale=None, q_offset=0, return_weights=False,
+) -> PlannedCall:  # fmt: skip
+    """Check inputs and turn per-head tensors into a kernel call (see `toroidal_attention`)."""
+    _check_inputs(q, k, v, depth, key_padding_mask)
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    geometry = TorusGeometry(
+        depth=depth,
+        period=period if period is not None else k.shape[2],
+        lambda_distance=float(lambda_distance),
+        causal=causal,
+        window=window,
+        q_offset=q_offset,
+    )
+    qp, kp, vp = (to_platters(t, depth) for t in (q, k, v))
+    padding = expand_key_padding(key_padding_mask, depth)
+    if scale is None:
+        scale = (q.shape[-1] // depth) ** -0.5
+    request = KernelRequest.for_tensors(qp, kp, vp, geometry, padding, return_weights)
+    return PlannedCall(qp, kp, vp, geometry, padding, scale, request)
+
+
+def selected_backend(q, k, v, *, backend: str = "auto", **kwargs) -> str:
+    """The name of the backend `toroidal_attention` would run for these arguments (auto resolved).
+
+    Raises `BackendUnavailable` exactly where the call would.
+    """
+    kwargs.pop("always_tuple", None)  # output packaging only
+    return resolve_backend(backend, plan_call(q, k, v, **kwargs).request).name
+
+
 def toroidal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,24 +117,13 @@ def toroidal_attention(
     when `return_weights` is True (only backends that materialize scores can), or
     always (output, weights-or-None) with `always_tuple`.
     """
-    _check_inputs(q, k, v, depth, key_padding_mask)
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    geometry = TorusGeometry(
-        depth=depth,
-        period=period if period is not None else k.shape[2],
-        lambda_distance=float(lambda_distance),
-        causal=causal,
-        window=window,
-        q_offset=q_offset,
+    call = plan_call(
+        q, k, v, depth=depth, lambda_distance=lambda_distance, period=period, causal=causal, window=window,
+        key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset, return_weights=return_weights,
+    )  # fmt: skip
+    kernel = resolve_backend(backend, call.request)
+    out, weights = kernel.forward(
+        call.q, call.k, call.v, call.geometry, call.padding, call.scale, return_weights
     )
-    qp, kp, vp = (to_platters(t, depth) for t in (q, k, v))
-    padding = expand_key_padding(key_padding_mask, depth)
-    if scale is None:
-        scale = (q.shape[-1] // depth) ** -0.5
-    request = KernelRequest.for_tensors(qp, kp, vp, geometry, padding, return_weights)
-    kernel = resolve_backend(backend, request)
-    out, weights = kernel.forward(qp, kp, vp, geometry, padding, scale, return_weights)
     out = from_platters(out, depth)
     return (out, weights) if (return_weights or always_tuple) else out

@@ -22,8 +22,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import toroidal.attention as attention_module
 from toroidal.attention import ToroidalAttention
-from toroidal.bench import DTYPES, MODES, GpuTelemetry, chosen_backend
+from toroidal.bench import DTYPES, MODES, GpuTelemetry
 from toroidal.config import ToroidalConfig
+from toroidal.functional import selected_backend
 
 LABEL = "toroidal::"
 FORWARD_STAGES = ("projections", "rotary", "kernel", "fusion", "output")
@@ -97,7 +98,7 @@ def stage_ranges(module: ToroidalAttention, chosen: list[str]) -> Iterator[None]
     original = attention_module.toroidal_attention
 
     def kernel(*args, **kwargs):
-        chosen.append(chosen_backend(*args, **kwargs))
+        chosen.append(selected_backend(*args, **kwargs))
         with record_function(LABEL + "kernel"):
             return original(*args, **kwargs)
 

@@ -54,6 +54,12 @@ class Backend:
         """None if this backend can serve `request`, else a one-line reason naming the unmet condition."""
         raise NotImplementedError
 
+    def clear_cache(self) -> None:
+        """Drop anything cached per geometry or shape (masks, compiled plans). Default: nothing cached."""
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            cache.clear()
+
     def forward(
         self,
         q: torch.Tensor,
