@@ -115,9 +115,9 @@ def _band(n, lo, hi, form, out):
         return
     for a in range(0, n, width):
         b = min(a + width, n)
-        # Keys up to a - lo satisfy m >= lo for every query of the chunk; the rest satisfy m <= hi.
-        _upper(a, b, max(0, a - hi), max(0, min(n, a - lo + 1)), hi, form, out)
-        _lower(a, b, max(0, a - lo + 1), max(0, min(n, b - lo)), lo, form, out)
+        # Keys before a - lo satisfy m > lo for every query of the chunk; the rest satisfy m <= hi.
+        _upper(a, b, max(0, a - hi), max(0, min(n, a - lo)), hi, form, out)
+        _lower(a, b, max(0, a - lo), max(0, min(n, b - lo)), lo, form, out)
 
 
 @lru_cache(maxsize=64)
@@ -272,16 +272,21 @@ class _DecomposedAttention(torch.autograd.Function):
         b, h, length, dim = aug.q_plus.shape
         out = q.new_zeros(b, h, length, dim)
         lse = torch.full((b, h, length), float("-inf"), device=q.device)
+        first_visit = torch.ones(length // geometry.depth, dtype=torch.bool)
         for piece in pieces:
             p_out, p_lse = _piece_forward(aug, piece)
             if piece.flip:
                 p_out, p_lse = p_out.flip(2), p_lse.flip(2)
             p_lse = p_lse + aug.row_constant(piece)
             rows = aug.tokens(piece.q0, piece.q1)
-            merged = torch.logaddexp(lse[:, :, rows], p_lse)
-            out[:, :, rows] = out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
-            out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
-            lse[:, :, rows] = merged
+            if first_visit[piece.q0 : piece.q1].all():  # nothing to merge with yet
+                out[:, :, rows], lse[:, :, rows] = p_out, p_lse
+            else:
+                merged = torch.logaddexp(lse[:, :, rows], p_lse)
+                out[:, :, rows] *= torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
+                out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
+                lse[:, :, rows] = merged
+            first_visit[piece.q0 : piece.q1] = False
         valid = _valid_rows(geometry, key_padding, length)
         if valid is not None:
             out = out * valid

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
 
-# Fastest first, per device type. Platter-token count thresholds come from `toroidal bench`.
+# Fastest first, per device type, for large calls; see `_auto_order` for size rules.
 _PREFERENCE = {
     "cuda": ("flash2", "flex", "sdpa", "blockwise", "reference"),
-    "cpu": ("sdpa", "blockwise", "reference"),
+    "cpu": ("decomposed", "sdpa", "blockwise", "reference"),
 }
-# Above this many query*key platter-token pairs per (batch, head), a materialized
-# bias costs more memory than it saves time: prefer the tiled kernel.
+# Thresholds in query x key platter-token pairs per (batch, head), measured with `toroidal bench`
+# (B=1, H=8, w=16, causal, 2-core CPU): below SMALL, sdpa's single fused call beats the
+# decomposed pieces' fixed costs (N=256, D=4: 17 ms vs 32 ms; N=1024: 272 ms vs 200 ms).
+# Above MATERIALIZE, a materialized (L x L) bias costs more memory than a tiled kernel.
+_SMALL = 2048 * 2048
 _MATERIALIZE_LIMIT = 8192 * 8192
 
 
@@ -19,12 +22,19 @@ def valid_backends(request: KernelRequest) -> dict[str, str | None]:
     return {name: get_backend(name).unavailable_reason(request) for name in backend_names()}
 
 
+def _move(order: list[str], name: str, before: str) -> None:
+    if name in order and before in order:
+        order.remove(name)
+        order.insert(order.index(before), name)
+
+
 def _auto_order(request: KernelRequest) -> list[str]:
     order = list(_PREFERENCE.get(request.device_type, ("sdpa", "blockwise", "reference")))
     pairs = request.n_queries * request.n_keys * request.geometry.depth**2
-    if pairs > _MATERIALIZE_LIMIT and "blockwise" in order:
-        order.remove("blockwise")
-        order.insert(0 if request.device_type == "cpu" else order.index("sdpa"), "blockwise")
+    if pairs <= _SMALL:
+        _move(order, "sdpa", before=order[0])
+    elif pairs > _MATERIALIZE_LIMIT:
+        _move(order, "blockwise", before="sdpa")
     return [name for name in order if name in backend_names()]
 
 
