@@ -1,10 +1,272 @@
-"""`toroidal eval`: evaluate a checkpoint (perplexity, lm-eval tasks) (not implemented yet)."""
+"""`toroidal eval`: perplexity, bits per byte, passkey accuracy, speed and memory of a run or a model.
 
-from toroidal_cli.errors import STUB_SETTINGS, not_implemented
+`--checkpoint DIR` evaluates a `toroidal train` run folder (its model, tokenizer and toroidal
+layers; its data options are the defaults). `--model` evaluates a preset, model folder or hub
+model with `--attention baseline|toroidal`. `--compare OTHER.json` prints a table against
+another eval result; `--fail-on-regression PCT` makes a quality regression exit 1.
+"""
 
-HELP = "Evaluate a checkpoint: perplexity and lm-evaluation-harness tasks (not implemented yet)."
-CONTEXT_SETTINGS = STUB_SETTINGS
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from toroidal.training import SetupError
+from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate, run_defaults
+from toroidal_cli import render
+from toroidal_cli.commands.train import (
+    from_command_line,
+    resolve_options,
+    resolved_argv,
+    setup_error,
+)
+from toroidal_cli.errors import UserError
+from toroidal_cli.options import check_out_path, parse_float
+from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
+
+HELP = (
+    "Evaluate a trained run (--checkpoint) or a model (--model): perplexity, bits per byte, "
+    "passkey accuracy, tokens/s and peak memory; compare with another result (--compare)."
+)
+
+MODEL_OPTIONS = ["model", "attention", "depth", "lambda_", "period", "window", "fusion", "fusion_rank"]
+MODEL_OPTIONS += ["backend", "layers", "tokenizer"]
+DATA_OPTIONS = ["dataset", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size"]
+OPTION_NAMES = MODEL_OPTIONS + DATA_OPTIONS + ["max_batches", "seed", "precision", "device"]
+
+# +1: higher is better, -1: lower is better; metrics not listed are shown without a verdict.
+DIRECTIONS = {
+    "loss": -1,
+    "perplexity": -1,
+    "bits_per_token": -1,
+    "bits_per_byte": -1,
+    "passkey_accuracy": 1,
+    "tokens_per_s": 1,
+    "seconds": -1,
+    "peak_memory_mb": -1,
+}
+QUALITY = ("loss", "perplexity", "bits_per_token", "bits_per_byte", "passkey_accuracy")
+METRIC_ORDER = (*QUALITY, "tokens_per_s", "seconds", "peak_memory_mb", "tokens", "samples", "parameters")
 
 
-def command() -> None:
-    not_implemented()
+# --- comparison ----------------------------------------------------------------------------------------
+
+
+def comparison(this: dict, other: dict, gated: tuple[str, ...]) -> list[dict]:
+    """One row per metric both results have: values, delta, percent change, which side is better."""
+    shared = [
+        name
+        for name in sorted(set(this) & set(other), key=lambda n: (METRIC_ORDER + (n,)).index(n))
+        if isinstance(this[name], (int, float)) and isinstance(other[name], (int, float))
+    ]
+    (row,) = compare_rows([other], [this], [], shared)
+    rows = []
+    for name in shared:
+        values = row["metrics"][name]
+        direction = DIRECTIONS.get(name)
+        if direction is None or values["delta"] is None:
+            better = None
+        elif values["delta"] == 0:
+            better = "same"
+        else:
+            better = "this" if values["delta"] * direction > 0 else "other"
+        worse_pct = -values["pct"] * direction if direction and values["pct"] is not None else None
+        rows.append(
+            {
+                "metric": name,
+                "this": values["new"],
+                "other": values["old"],
+                "delta": values["delta"],
+                "pct": values["pct"],
+                "better": better,
+                "worse_pct": worse_pct,
+                "gated": name in gated,
+            }
+        )
+    return rows
+
+
+def _better(value) -> Text:
+    styles = {"this": "bold green", "other": "bold red", "same": "dim"}
+    return Text(value or "-", style=styles.get(value, ""))
+
+
+def _number(value) -> str:
+    """Counts stay integers (compare_rows gives floats), other values compact."""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return render.format_number(value)
+
+
+def _pct(value) -> Text:
+    return Text("-" if value is None else f"{value:+.2f}%")
+
+
+COMPARE_COLUMNS = [
+    render.Column("metric", no_wrap=True),
+    render.Column("this", "this run", format=_number, justify="right"),
+    render.Column("other", "other", format=_number, justify="right"),
+    render.Column("delta", "delta", format=_number, justify="right"),
+    render.Column("pct", "change", format=_pct, justify="right"),
+    render.Column("better", "better", format=_better),
+]
+METRIC_COLUMNS = [render.Column("metric", no_wrap=True), render.Column("value", justify="right")]
+
+
+def _config_notes(this: dict, other: dict) -> list[str]:
+    keys = ("checkpoint", "model", "attention", "dataset", "seq_len", "max_batches", "device")
+    return [
+        f"{key}: {other.get(key)!r} -> {this.get(key)!r}" for key in keys if this.get(key) != other.get(key)
+    ]
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def command(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A `toroidal train` run folder (model, tokenizer, toroidal layers).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Instead: tiny, a preset, a model folder or a hub name.")
+    ] = None,
+    attention: Annotated[str, typer.Option(help="With --model: baseline or toroidal.")] = "baseline",
+    depth: Annotated[int, typer.Option(help="With --model: platters D per head.")] = 2,
+    lambda_: Annotated[float, typer.Option("--lambda", help="With --model: torus distance penalty.")] = 0.1,
+    period: Annotated[str, typer.Option(help="With --model: ring period; none: --seq-len.")] = "none",
+    window: Annotated[str, typer.Option(help="With --model: circular window, or none.")] = "none",
+    fusion: Annotated[str, typer.Option(help="With --model: depth fusion mode.")] = "low_rank",
+    fusion_rank: Annotated[str, typer.Option(help="With --model: low_rank fusion rank, or none.")] = "none",
+    backend: Annotated[str, typer.Option(help="With --model: toroidal kernel backend, or auto.")] = "auto",
+    layers: Annotated[
+        str, typer.Option(help="With --model: toroidal layers, e.g. 0,2; all by default.")
+    ] = "all",
+    tokenizer: Annotated[str, typer.Option(help="With --model: bytes or model; auto picks.")] = "auto",
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="periodic, sinusoidal, passkey, text:PATH (all of it), wikitext2, hf:NAME[:CONFIG]."
+        ),
+    ] = "periodic",
+    data_period: Annotated[int, typer.Option(help="periodic: pattern length.")] = 8,
+    data_vocab: Annotated[int, typer.Option(help="periodic, sinusoidal: distinct tokens.")] = 16,
+    passkey_digits: Annotated[int, typer.Option(help="passkey: digits of the pass key.")] = 5,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 8,
+    max_batches: Annotated[
+        str, typer.Option(help="At most this many batches; none: all text, 16 of synthetic data.")
+    ] = "none",
+    seed: Annotated[int, typer.Option(help="Seed of synthetic data (and of a preset's random init).")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on CUDA.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="Another `toroidal eval --out` result to compare with.")
+    ] = None,
+    fail_on_regression: Annotated[
+        str | None,
+        typer.Option(help="Exit 1 if a gated metric is worse than --compare's by more than PCT percent."),
+    ] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate", help="Metric gated by --fail-on-regression (repeatable; default: quality metrics)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")
+    ] = None,
+) -> None:
+    check_out_path(out)
+    threshold = (
+        None if fail_on_regression is None else parse_float(fail_on_regression, "--fail-on-regression")
+    )
+    if threshold is not None and compare is None:
+        raise UserError("--fail-on-regression needs --compare", "pass the result to compare with")
+    gated = tuple(gate) if gate else QUALITY
+    unknown = [name for name in gated if name not in DIRECTIONS]
+    if unknown:
+        raise UserError(f"--gate {unknown[0]!r} is not a comparable metric", f"use {', '.join(DIRECTIONS)}")
+    other = read_result(compare, command="eval") if compare is not None else None  # fail before the work
+    if other is not None and not isinstance(other.get("metrics"), dict):
+        raise UserError(f"{compare} has no 'metrics'", "pass a file written by `toroidal eval --out`")
+
+    values = _options(ctx, checkpoint, model)
+    try:
+        config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, **values)
+        with render.progress() as bar:
+            task = bar.add_task("eval", total=None)
+            result = evaluate(
+                config, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    except SetupError as error:
+        raise setup_error(error) from None
+
+    metrics = result.metrics
+    rows = [
+        {"metric": name, "value": metrics[name]} for name in METRIC_ORDER if metrics.get(name) is not None
+    ]
+    source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['attention']} {model}"
+    render.console.print(Text(f"toroidal eval: {source} on {config.dataset}"), soft_wrap=True)
+    render.console.print(render.table(rows, METRIC_COLUMNS))
+
+    regressions = []
+    if other is not None:
+        table_rows = comparison(metrics, other["metrics"], gated)
+        render.console.print(render.table(table_rows, COMPARE_COLUMNS, title=f"this run vs {compare}"))
+        for note in _config_notes(result.config, other.get("config", {})):
+            render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
+        if threshold is not None:
+            regressions = [
+                r
+                for r in table_rows
+                if r["gated"] and r["worse_pct"] is not None and r["worse_pct"] > threshold
+            ]
+    if out is not None:
+        if checkpoint is not None:  # the model options come from the checkpoint
+            names, extra = (
+                [n for n in OPTION_NAMES if n not in MODEL_OPTIONS],
+                ["--checkpoint", str(checkpoint)],
+            )
+        else:
+            names, extra = OPTION_NAMES, []
+        argv = resolved_argv("eval", names, values, extra)
+        payload = {"metrics": metrics}
+        if other is not None:
+            payload["comparison"] = {"other": str(compare), "rows": table_rows}
+        record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
+        render.console.print(f"wrote {write_result(out, record)}")
+    if regressions:
+        worst = max(regressions, key=lambda r: r["worse_pct"])
+        line = (
+            f"{worst['metric']} is {worst['worse_pct']:.2f}% worse than {compare} (threshold {threshold:g}%)"
+        )
+        render.err_console.print(Text(f"toroidal eval: regression: {line}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _options(ctx: typer.Context, checkpoint: Path | None, model: str | None) -> dict:
+    """Flags over the checkpoint run's data options over defaults; model options only with --model."""
+    if checkpoint is not None and model is not None:
+        raise UserError("give --checkpoint or --model, not both")
+    if checkpoint is None and model is None:
+        raise UserError("nothing to evaluate", "pass --checkpoint RUN_FOLDER or --model NAME")
+    defaults = {}
+    if checkpoint is not None:
+        given = [name for name in MODEL_OPTIONS if name != "model" and from_command_line(ctx, name)]
+        if given:
+            raise UserError(
+                f"--{given[0].rstrip('_').replace('_', '-')} cannot change a checkpoint",
+                "the model, tokenizer and toroidal options come from the run; use --model to build another",
+            )
+        try:
+            defaults = run_defaults(str(checkpoint))
+        except SetupError as error:
+            raise setup_error(error) from None
+    names = [name for name in OPTION_NAMES if name != "model"]
+    values = resolve_options(ctx, names, {k: v for k, v in defaults.items() if k in RUN_DEFAULTS})
+    values["model"] = model
+    return values

@@ -1,10 +1,386 @@
-"""`toroidal train`: train a model with toroidal attention (not implemented yet)."""
+"""`toroidal train`: train a language model with toroidal (or baseline) attention.
 
-from toroidal_cli.errors import STUB_SETTINGS, not_implemented
+Options come from flags and from `--config` (a YAML file or a preset in configs/train with
+the same keys in snake_case); a flag given on the command line wins over the file. The
+work is `toroidal.training.train`; this module parses, renders progress and writes
+`metrics.json` (rank 0 only under torchrun).
+"""
 
-HELP = "Train a language model with toroidal attention from a YAML config or flags (not implemented yet)."
-CONTEXT_SETTINGS = STUB_SETTINGS
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from toroidal.training import ProgressEvent, SetupError, TrainConfig, train
+from toroidal.training.distributed import world_size_from_env
+from toroidal.training.runs import METRICS
+from toroidal_cli import render
+from toroidal_cli.errors import UserError
+from toroidal_cli.options import (
+    config_path,
+    load_config,
+    parse_bool,
+    parse_float,
+    parse_int,
+    split_items,
+)
+from toroidal_cli.results import capture_env, make_record, write_result
+
+HELP = (
+    "Train a language model with toroidal attention (or the baseline) and write a run folder.\n\n"
+    "Models: tiny (default), a preset in configs/models, a local model folder or a hub name. "
+    "Data: periodic, sinusoidal, passkey, text:PATH, wikitext2, hf:NAME[:CONFIG]. "
+    "Under torchrun the run is data-parallel (gloo on CPU, nccl on CUDA)."
+)
+
+# --- options shared with `toroidal eval` ---------------------------------------------------------------
+
+# Typer parameter name -> library field, where they differ (`lambda` is a Python keyword).
+FIELD_OF = {"lambda_": "lambda_distance"}
+# YAML spellings -> parameter name.
+YAML_ALIASES = {"lambda": "lambda_", "lambda_distance": "lambda_"}
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
 
-def command() -> None:
-    not_implemented()
+def parse_count(value, where: str) -> int | None:
+    """An integer >= 1 or 'none', with an optional k/M/G suffix ('2M' = 2000000)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGbB])\s*", value)
+        if match:
+            return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+    return parse_int(value, where, none_ok=True)
+
+
+def parse_layers(value, where: str = "--layers") -> list[int] | None:
+    """'all' (or none) -> None; '0,2' or a YAML list -> [0, 2]."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("all", "none", "")):
+        return None
+    return [parse_int(item, where, minimum=0) for item in split_items(value)]
+
+
+def _choice(choices: tuple[str, ...]):
+    def parse(value, where: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
+        raise UserError(f"{where}: {value!r} is not a name")
+    return str(value).strip()
+
+
+def _optional_text(value, where: str) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None
+    return _text(value, where)
+
+
+PARSERS = {
+    "model": _text,
+    "attention": _choice(("toroidal", "baseline")),
+    "depth": lambda v, w: parse_int(v, w),
+    "lambda_": lambda v, w: parse_float(v, w),
+    "period": lambda v, w: parse_int(v, w, none_ok=True),
+    "window": lambda v, w: parse_int(v, w, minimum=0, none_ok=True),
+    "fusion": _choice(("low_rank", "attention", "mean", "concat")),
+    "fusion_rank": lambda v, w: parse_int(v, w, none_ok=True),
+    "backend": _text,
+    "layers": parse_layers,
+    "freeze_base": parse_bool,
+    "grad_checkpointing": parse_bool,
+    "dataset": _text,
+    "data_period": lambda v, w: parse_int(v, w),
+    "data_vocab": lambda v, w: parse_int(v, w, minimum=2),
+    "passkey_digits": lambda v, w: parse_int(v, w),
+    "tokenizer": _text,
+    "seq_len": lambda v, w: parse_int(v, w),
+    "batch_size": lambda v, w: parse_int(v, w),
+    "steps": parse_count,
+    "tokens": parse_count,
+    "lr": lambda v, w: parse_float(v, w),
+    "min_lr_ratio": lambda v, w: parse_float(v, w),
+    "warmup_steps": lambda v, w: parse_int(v, w, minimum=0),
+    "weight_decay": lambda v, w: parse_float(v, w),
+    "grad_accum": lambda v, w: parse_int(v, w),
+    "clip": lambda v, w: parse_float(v, w),
+    "precision": _choice(("fp32", "bf16", "fp16")),
+    "seed": lambda v, w: parse_int(v, w, minimum=0),
+    "eval_every": lambda v, w: parse_int(v, w, minimum=0),
+    "eval_batches": lambda v, w: parse_int(v, w),
+    "save_every": lambda v, w: parse_int(v, w, minimum=0),
+    "log": lambda v, w: (
+        None if _optional_text(v, w) is None else _choice(("csv", "tensorboard", "wandb"))(v, w)
+    ),
+    "device": _text,
+    "max_batches": lambda v, w: parse_int(v, w, none_ok=True),
+}
+
+
+def from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "COMMANDLINE"  # duck-typed: typer may vendor click
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def resolve_options(ctx: typer.Context, names: list[str], file_values: dict, where: str = "") -> dict:
+    """Library fields from flags over `file_values` over defaults, each parsed and checked."""
+    values = {}
+    for name in names:
+        given_in_file = name in file_values and not from_command_line(ctx, name)
+        raw = file_values[name] if given_in_file else ctx.params[name]
+        label = f"{where}: {name.rstrip('_')}" if given_in_file and where else flag_name(name)
+        values[FIELD_OF.get(name, name)] = PARSERS[name](raw, label) if raw is not None else None
+    return values
+
+
+def read_yaml_options(spec: str, names: list[str], extra: tuple[str, ...] = ()) -> tuple[dict, Path]:
+    path = config_path(spec, "train")
+    known = tuple(name.rstrip("_") for name in names) + tuple(YAML_ALIASES) + extra
+    data = load_config(path, tuple(dict.fromkeys(known)))
+    return {YAML_ALIASES.get(key, key): value for key, value in data.items()}, path
+
+
+def resolved_argv(command: str, names: list[str], values: dict, extra: list[str]) -> list[str]:
+    """A command line that reproduces the run from resolved values (no --config: it is folded in)."""
+    argv = ["toroidal", command]
+    for name in names:
+        value = values[FIELD_OF.get(name, name)]
+        if isinstance(value, bool):
+            argv += [flag_name(name)] if value else []
+        elif isinstance(value, list):
+            argv += [flag_name(name), ",".join(map(str, value))]
+        else:
+            argv += [flag_name(name), "none" if value is None else str(value)]
+    return argv + extra
+
+
+def setup_error(error: SetupError) -> UserError:
+    return UserError(error.message, error.fix)
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+
+def _format(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+class TrainProgress:
+    """A Rich progress bar on stderr with loss, learning rate, tokens/s and ETA; evaluations above it."""
+
+    def __init__(self):
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=render.err_console,
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "start":
+            self.task = self.bar.add_task("train", total=event.total_steps, completed=event.step, stats="")
+            if event.step:
+                self.bar.console.print(f"resumed at step {event.step}")
+        elif event.kind == "step":
+            m = event.metrics
+            stats = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {_format(m['tokens_per_s'], 3)} tok/s"
+            self.bar.update(self.task, completed=event.step, stats=stats)
+        elif event.kind == "eval":
+            m = event.metrics
+            parts = [f"step {event.step}: val loss {m['loss']:.4f}", f"ppl {_format(m['perplexity'])}"]
+            if m.get("bits_per_byte") is not None:
+                parts.append(f"bpb {m['bits_per_byte']:.4f}")
+            if m.get("passkey_accuracy") is not None:
+                parts.append(f"passkey {m['passkey_accuracy']:.2%}")
+            self.bar.console.print("  ".join(parts))
+        elif event.kind == "checkpoint":
+            self.bar.console.print(Text(f"checkpoint {event.metrics['path']}", style="dim"))
+
+
+VALIDATION_COLUMNS = [
+    render.Column("step", justify="right"),
+    render.Column("tokens", justify="right"),
+    render.Column("loss", "val loss", justify="right"),
+    render.Column("perplexity", "perplexity", justify="right"),
+    render.Column("bits_per_byte", "bits/byte", justify="right"),
+    render.Column("bits_per_token", "bits/token", justify="right"),
+    render.Column("passkey_accuracy", "passkey acc", justify="right"),
+]
+
+
+def _summary_rows(payload: dict) -> list[dict]:
+    final, timing, model = payload["final"], payload["timing"], payload["model"]
+    rows = [
+        ("steps", final["step"]),
+        ("tokens", final["tokens"]),
+        ("train loss (last step)", final["train_loss"]),
+        ("val loss", final.get("val_loss")),
+        ("val perplexity", final.get("val_perplexity")),
+        ("val bits/byte", final.get("val_bits_per_byte")),
+        ("val passkey accuracy", final.get("val_passkey_accuracy")),
+        ("parameters", model["parameters"]),
+        ("trainable parameters", model["trainable_parameters"]),
+        ("toroidal layers", ",".join(map(str, model["toroidal_layers"])) or "-"),
+        ("tokens/s", timing["tokens_per_s"]),
+        ("wall time (s)", timing["wall_time_s"]),
+    ]
+    return [
+        {"metric": name, "value": value} for name, value in rows if value is not None or "val" not in name
+    ]
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+OPTION_NAMES = [name for name in PARSERS if name != "max_batches"]
+
+
+def command(
+    ctx: typer.Context,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="YAML file or preset in configs/train; flags override its keys."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="tiny, a preset in configs/models, a model folder or hub name.")
+    ] = "tiny",
+    attention: Annotated[
+        str, typer.Option(help="toroidal or baseline (the host model's own attention).")
+    ] = "toroidal",
+    depth: Annotated[int, typer.Option(help="Platters D per head.")] = 2,
+    lambda_: Annotated[float, typer.Option("--lambda", help="Torus distance penalty lambda.")] = 0.1,
+    period: Annotated[str, typer.Option(help="Ring period P; none: the training --seq-len.")] = "none",
+    window: Annotated[str, typer.Option(help="Circular window w, or none.")] = "none",
+    fusion: Annotated[
+        str, typer.Option(help="Depth fusion: low_rank, attention, mean or concat.")
+    ] = "low_rank",
+    fusion_rank: Annotated[str, typer.Option(help="Rank of low_rank fusion; none: max(1, D // 4).")] = "none",
+    backend: Annotated[str, typer.Option(help="Toroidal kernel backend, or auto.")] = "auto",
+    layers: Annotated[
+        str, typer.Option(help="Layers with toroidal attention, e.g. 0,2; all by default.")
+    ] = "all",
+    freeze_base: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-base",
+            help="Train only the attention modules of --layers (q/k/v/o projections and depth fusion).",
+        ),
+    ] = False,
+    grad_checkpointing: Annotated[
+        bool, typer.Option("--grad-checkpointing", help="Recompute activations in backward (less memory).")
+    ] = False,
+    dataset: Annotated[
+        str, typer.Option(help="periodic, sinusoidal, passkey, text:PATH, wikitext2 or hf:NAME[:CONFIG].")
+    ] = "periodic",
+    data_period: Annotated[int, typer.Option(help="periodic: length of the repeated pattern.")] = 8,
+    data_vocab: Annotated[int, typer.Option(help="periodic, sinusoidal: number of distinct tokens.")] = 16,
+    passkey_digits: Annotated[int, typer.Option(help="passkey: digits of the pass key.")] = 5,
+    tokenizer: Annotated[
+        str, typer.Option(help="bytes, bpe:VOCAB (trained on the training text) or model; auto picks.")
+    ] = "auto",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per micro-batch and process.")] = 8,
+    steps: Annotated[str, typer.Option(help="Optimizer steps (default 200 unless --tokens).")] = "none",
+    tokens: Annotated[str, typer.Option(help="Token budget instead of --steps, e.g. 2M.")] = "none",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    min_lr_ratio: Annotated[float, typer.Option(help="Cosine decays to lr x this.")] = 0.1,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 20,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    clip: Annotated[float, typer.Option(help="Gradient norm clipping; 0: off.")] = 1.0,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 mixed precision on CUDA.")] = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed of initialization, data and order.")] = 0,
+    eval_every: Annotated[
+        int, typer.Option(help="Validate every N steps (and at the end); 0: end only.")
+    ] = 50,
+    eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps for --resume; 0: never.")] = 0,
+    log: Annotated[str, typer.Option(help="Experiment log: csv, tensorboard, wandb or none.")] = "none",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder (default runs/<time>); must be new unless --resume."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+) -> None:
+    file_values, file_path = (
+        ({}, None) if config is None else read_yaml_options(config, OPTION_NAMES, ("out",))
+    )
+    options = resolve_options(ctx, OPTION_NAMES, file_values, str(file_path))
+    if out is None and "out" in file_values:
+        out = Path(str(file_values["out"]))
+    out = _run_folder(out, resume)
+    try:
+        train_config = TrainConfig(**options)
+        # Under torchrun only rank 0 renders (the library calls back on rank 0 only).
+        bar = TrainProgress() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+        with bar:
+            result = train(
+                train_config, out, resume=resume, progress=bar if isinstance(bar, TrainProgress) else None
+            )
+    except SetupError as error:
+        raise setup_error(error) from None
+    if not result.is_main:
+        return
+    evals = result.payload["validation"]
+    columns = [c for c in VALIDATION_COLUMNS if any(row.get(c.key) is not None for row in evals)]
+    render.console.print(render.table(evals, columns, title="validation"))
+    summary = _summary_rows(result.payload)
+    title = f"toroidal train: {result.config['attention']} on {result.config['dataset']} in {out}"
+    render.console.print(Text(title), soft_wrap=True)
+    render.console.print(
+        render.table(summary, [render.Column("metric"), render.Column("value", justify="right")])
+    )
+    extra = ["--out", str(out)] + (["--resume"] if resume else [])
+    argv = resolved_argv("train", OPTION_NAMES, options, extra)
+    record = make_record("train", result.config, result.payload, argv=argv, env=capture_env(result.device))
+    render.console.print(f"wrote {write_result(out / METRICS, record)}")
+
+
+def _run_folder(out: Path | None, resume: bool) -> Path:
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file", "give --out a folder for the run")
+        return out
+    if resume:
+        raise UserError("--resume needs --out", "pass the folder of the run to continue")
+    if world_size_from_env() > 1:
+        raise UserError("under torchrun every process needs the same run folder", "pass --out")
+    return Path("runs") / datetime.now().strftime("train-%Y%m%d-%H%M%S")

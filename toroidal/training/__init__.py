@@ -1,0 +1,30 @@
+"""Training and evaluating language models with toroidal attention (the work behind `toroidal train|eval`).
+
+    from toroidal.training import TrainConfig, train, load_run, evaluate_lm
+
+    result = train(TrainConfig(model="tiny", dataset="periodic", steps=100), "runs/demo")
+    run = load_run("runs/demo")  # model (toroidal layers restored), tokenizer, config
+
+Modules, one job each: config (TrainConfig), data (datasets and order), tokenization,
+models (presets, loading, toroidal layers, freezing), checkpoint (atomic training state),
+runs (the run folder), loop (training), evaluate (metrics), distributed, loggers, hub.
+"""
+
+from toroidal.training.config import TrainConfig
+from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.loop import ProgressEvent, TrainResult, train
+from toroidal.training.metrics import Precision, evaluate_lm
+from toroidal.training.runs import TrainedRun, load_run
+
+__all__ = [
+    "CheckpointError",
+    "Precision",
+    "ProgressEvent",
+    "SetupError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainedRun",
+    "evaluate_lm",
+    "load_run",
+    "train",
+]

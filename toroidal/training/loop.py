@@ -1,0 +1,440 @@
+"""The training loop: AdamW, warmup + cosine, accumulation, clipping, mixed precision, DDP, resume.
+
+    result = train(TrainConfig(dataset="periodic", steps=100), "runs/demo", progress=print)
+
+Reproducibility. The samples of every step are a function of (seed, step) (see
+`data.train_batch`), the learning rate a function of the step, and the torch RNG is
+reseeded from (seed, rank, step) before every step. A checkpoint therefore needs only the
+model, the optimizer (and the fp16 GradScaler): resuming from it computes exactly what the
+uninterrupted run computes.
+
+The library never prints: `progress(ProgressEvent)` is called on rank 0 at the start, after
+every step, evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from toroidal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from toroidal.training.config import TrainConfig
+from toroidal.training.data import (
+    load_train_texts,
+    make_dataset,
+    parse_dataset_spec,
+    passkey_corpus,
+    train_batch,
+)
+from toroidal.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from toroidal.training.errors import SetupError
+from toroidal.training.loggers import check_logger, open_logger
+from toroidal.training.metrics import Precision, evaluate_lm, token_losses
+from toroidal.training.models import (
+    add_toroidal,
+    build_model,
+    check_layers,
+    freeze_base,
+    make_toroidal_config,
+    resolve_model,
+)
+from toroidal.training.runs import (
+    TOKENIZER_DIR,
+    TRAIN_CONFIG,
+    holds_run,
+    read_train_config,
+    save_model,
+    save_tokenizer,
+    save_toroidal,
+    write_json,
+)
+from toroidal.training.tokenization import (
+    BpeTokenizer,
+    ByteTokenizer,
+    load_model_tokenizer,
+    load_tokenizer,
+    parse_tokenizer_spec,
+)
+
+VALIDATION_KEYS = ("loss", "perplexity", "bits_per_token", "bits_per_byte", "passkey_accuracy")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str  # start | step | eval | checkpoint | done
+    step: int  # optimizer steps done
+    total_steps: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    config: dict  # the resolved configuration (for the result record)
+    payload: dict  # the measured payload of metrics.json
+    run_dir: Path
+    is_main: bool  # rank 0: the process that writes files and renders
+    device: torch.device
+
+
+# --- pieces -----------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % (2**63 - 1)
+
+
+def resolve_device(spec: str, dist: DistInfo) -> torch.device:
+    """'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'; one GPU per process under torchrun."""
+    text = spec.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise SetupError(f"unknown device {spec!r}", "use --device auto, cpu, cuda or cuda:N")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(
+                f"device {spec!r} is not available: this torch sees no CUDA GPU", "use --device cpu"
+            )
+        if dist.active or device.index is None:
+            device = torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
+    return device
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _make_tokenizer(
+    kind: str, vocab: int | None, source, texts, config: TrainConfig, run_dir: Path, dist: DistInfo
+):
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "model":
+        if source.kind == "preset":
+            raise SetupError(
+                f"--tokenizer model needs a local or hub model, not preset {source.name!r}",
+                "use --tokenizer bytes or bpe:VOCAB",
+            )
+        return load_model_tokenizer(source.name)
+    # bpe: rank 0 trains it on the training text and saves it with the run; the others read it back.
+    if dist.is_main:
+        if texts is not None:
+            lines = texts["train"].splitlines(keepends=True)
+        elif config.dataset == "passkey":
+            lines = passkey_corpus(config.data_options())
+        else:
+            raise SetupError(
+                f"--tokenizer bpe:{vocab} needs text data, not --dataset {config.dataset}",
+                "use --tokenizer bytes",
+            )
+        tokenizer = BpeTokenizer.train(lines, vocab)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tokenizer, run_dir)
+    barrier(dist)
+    return tokenizer if dist.is_main else load_tokenizer(run_dir / TOKENIZER_DIR)
+
+
+def _check_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    if not resume:
+        if holds_run(run_dir):
+            raise SetupError(
+                f"{run_dir} already holds a training run",
+                "pass --resume to continue it, or choose another --out",
+            )
+        return
+    if not (run_dir / TRAIN_CONFIG).is_file():
+        raise SetupError(f"nothing to resume: {run_dir} holds no training run", "run without --resume")
+    saved, _ = read_train_config(run_dir)
+    conflicts = config.resume_conflicts(saved)
+    if conflicts:
+        shown = ", ".join(f"{key}={getattr(saved, key)!r}" for key in conflicts)
+        raise SetupError(f"--resume: the run was started with {shown}", "resume with the same options")
+
+
+@dataclass
+class _Setup:
+    model: torch.nn.Module
+    tokenizer: object
+    train_set: object
+    val_set: object
+    toroidal: object
+    layers: list[int]
+    params: int
+    trainable: int
+    tokenizer_kind: str
+
+
+def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> _Setup:
+    spec = parse_dataset_spec(config.dataset)
+    source = resolve_model(config.model)
+    if config.attention == "baseline" and config.layers is not None and not config.freeze_base:
+        raise SetupError(
+            "--layers has no effect with --attention baseline", "add --freeze-base, or drop --layers"
+        )
+    kind, vocab = parse_tokenizer_spec(config.tokenizer)
+    if kind == "auto":
+        kind = "bytes" if source.kind == "preset" else "model"
+    texts = load_train_texts(spec) if spec.is_text else None
+    if resume and (run_dir / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    else:
+        tokenizer = _make_tokenizer(kind, vocab, source, texts, config, run_dir, dist)
+    options = config.data_options()
+    train_set = make_dataset(spec, options, "train", tokenizer, texts and texts["train"])
+    val_set = make_dataset(spec, options, "validation", tokenizer, texts and texts["validation"])
+
+    model = build_model(source, tokenizer, config.seq_len, config.seed)
+    layers = check_layers(model, config.layers)
+    toroidal = None
+    if config.attention == "toroidal":
+        toroidal = make_toroidal_config(config.toroidal_options(), config.seq_len)
+        layers = add_toroidal(model, toroidal, layers)
+    trainable = freeze_base(model, layers) if config.freeze_base else None
+    params = sum(p.numel() for p in model.parameters())
+    if config.grad_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise SetupError(
+                f"model {config.model!r} does not support gradient checkpointing", "drop --grad-checkpointing"
+            )
+        # transformers 5 renamed it; older releases only have the first name.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _Setup(model, tokenizer, train_set, val_set, toroidal, layers, params, trainable or params, kind)
+
+
+def _write_run_files(run_dir: Path, config: TrainConfig, setup: _Setup, resolved: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if setup.tokenizer_kind != "bpe":  # bpe was saved when it was trained
+        save_tokenizer(setup.tokenizer, run_dir)
+    if setup.toroidal is not None:
+        save_toroidal(run_dir, setup.toroidal, setup.layers)
+    write_json(run_dir / TRAIN_CONFIG, {"config": config.to_dict(), "resolved": resolved})
+
+
+def _train_step(
+    model, setup: _Setup, optimizer, scaler, config: TrainConfig, step: int, dist, device, precision
+):
+    """One optimizer step over grad_accum micro-batches; returns (mean loss over ranks, grad norm)."""
+    total = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        ids = train_batch(
+            setup.train_set,
+            config.seed,
+            step,
+            micro,
+            config.grad_accum,
+            config.batch_size,
+            dist.rank,
+            dist.world,
+        ).to(device)
+        last = micro == config.grad_accum - 1
+        # DDP averages gradients on the last micro-batch only.
+        with model.no_sync() if dist.active and not last else contextlib.nullcontext():
+            losses, _ = token_losses(model, ids, precision, device)
+            loss = losses.mean()
+            scaler.scale(loss / config.grad_accum).backward()
+        total += loss.detach()
+    grad_norm = None
+    if config.clip > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum,) = all_reduce_sum([float(total) / config.grad_accum], dist, device)
+    return loss_sum / dist.world, grad_norm
+
+
+def _validation(setup: _Setup, config: TrainConfig, device, precision, dist) -> dict:
+    metrics = evaluate_lm(
+        setup.model,
+        setup.val_set,
+        batch_size=config.batch_size,
+        max_batches=config.eval_batches,
+        device=device,
+        precision=precision,
+        dist=dist,
+    )
+    return {key: metrics[key] for key in VALIDATION_KEYS if key in metrics}
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> TrainResult:
+    """Train as `config` says into `run_dir` (resume its last checkpoint with `resume`)."""
+    run_dir = Path(run_dir)
+    wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    dist = init_distributed(wants_cuda)
+    devices = list(range(torch.cuda.device_count())) if wants_cuda else []
+    try:
+        # The run reseeds torch at every step: fork the RNG so the caller's stream is left as it was.
+        with torch.random.fork_rng(devices=devices):
+            return _train(config, run_dir, resume, progress if dist.is_main else None, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: DistInfo) -> TrainResult:
+    emit = progress or (lambda event: None)
+    device = resolve_device(config.device, dist)
+    if config.precision != "fp32" and device.type != "cuda":
+        raise SetupError(f"--precision {config.precision} needs a CUDA device", "use --precision fp32 on CPU")
+    check_logger(config.log)
+    _check_folder(run_dir, config, resume)
+    barrier(dist)  # every rank has checked the folder before rank 0 writes into it
+
+    setup = _setup(config, run_dir, resume, dist)
+    total_steps = config.total_steps(dist.world)
+    resolved = {
+        "world_size": dist.world,
+        "total_steps": total_steps,
+        "tokens_per_step": config.tokens_per_step(dist.world),
+        "device": str(device),
+        "tokenizer": setup.tokenizer_kind,
+        "vocab_size": setup.tokenizer.vocab_size,
+        "toroidal_layers": setup.layers if setup.toroidal is not None else [],
+        "toroidal": setup.toroidal.to_dict() if setup.toroidal is not None else None,
+    }
+    model = setup.model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, config)
+    precision = Precision(config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "history": [], "evals": []}
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    resumed_from = state["step"]
+    if dist.is_main and not resume:
+        _write_run_files(run_dir, config, setup, resolved)
+    barrier(dist)
+    wrapped = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    logger = (
+        open_logger(config.log, run_dir, {**config.to_dict(), **resolved}, resumed_from)
+        if dist.is_main
+        else None
+    )
+    emit(ProgressEvent("start", state["step"], total_steps, {"resumed_from": resumed_from}))
+    started, tokens_before = time.perf_counter(), state["tokens"]
+    try:
+        while state["step"] < total_steps:
+            step = state["step"]
+            lr = lr_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(_step_seed(config.seed, dist.rank, step))
+            loss, grad_norm = _train_step(
+                wrapped, setup, optimizer, scaler, config, step, dist, device, precision
+            )
+            state["step"], state["tokens"] = step + 1, state["tokens"] + config.tokens_per_step(dist.world)
+            entry = {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "tokens": state["tokens"],
+                "grad_norm": grad_norm,
+            }
+            state["history"].append(entry)
+            seconds = time.perf_counter() - started
+            speed = (state["tokens"] - tokens_before) / seconds if seconds > 0 else None
+            emit(ProgressEvent("step", step + 1, total_steps, {**entry, "tokens_per_s": speed}))
+            if logger is not None:
+                logger.log(step + 1, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed})
+
+            done = step + 1 == total_steps
+            if done or (config.eval_every and (step + 1) % config.eval_every == 0):
+                val = _validation(setup, config, device, precision, dist)
+                state["evals"].append({"step": step + 1, "tokens": state["tokens"], **val})
+                emit(ProgressEvent("eval", step + 1, total_steps, val))
+                if logger is not None:
+                    logger.log(step + 1, {f"val/{key}": value for key, value in val.items()})
+            if config.save_every and (step + 1) % config.save_every == 0:
+                state["elapsed"] += time.perf_counter() - started
+                started, tokens_before = time.perf_counter(), state["tokens"]
+                if dist.is_main:
+                    state["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
+                    path = save_checkpoint(run_dir, step + 1, model, optimizer, state)
+                    emit(ProgressEvent("checkpoint", step + 1, total_steps, {"path": str(path)}))
+                barrier(dist)
+    finally:
+        if logger is not None:
+            logger.close()
+    state["elapsed"] += time.perf_counter() - started
+    if dist.is_main:
+        save_model(model, run_dir)
+    barrier(dist)
+
+    payload = _payload(state, setup, config, resolved, resumed_from)
+    emit(ProgressEvent("done", state["step"], total_steps, payload["final"]))
+    return TrainResult({**config.to_dict(), **resolved}, payload, run_dir, dist.is_main, device)
+
+
+def _payload(state: dict, setup: _Setup, config: TrainConfig, resolved: dict, resumed_from: int) -> dict:
+    last_eval = state["evals"][-1] if state["evals"] else {}
+    history = state["history"]
+    final = {
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "train_loss": history[-1]["loss"] if history else None,
+        **{f"val_{key}": last_eval.get(key) for key in VALIDATION_KEYS if key in last_eval},
+    }
+    elapsed = state["elapsed"]
+    return {
+        "final": final,
+        "loss_curve": history,
+        "validation": state["evals"],
+        "model": {
+            "source": config.model,
+            "attention": config.attention,
+            "parameters": setup.params,
+            "trainable_parameters": setup.trainable,
+            "toroidal_layers": resolved["toroidal_layers"],
+        },
+        "resumed_from_step": resumed_from,
+        # Timings: the only fields that differ between two runs of the same command and seed.
+        "timing": {
+            "wall_time_s": elapsed,
+            "tokens_per_s": state["tokens"] / elapsed if elapsed > 0 else None,
+        },
+    }

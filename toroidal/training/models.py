@@ -1,0 +1,278 @@
+"""Host models of a run: presets (YAML, built from a config: no download), local folders, hub names.
+
+A preset is a mapping with `family` (a transformers model type: llama, gpt2, phi, ...) and
+that family's config fields; the vocabulary and special token ids come from the tokenizer.
+`tiny` is built in, so the default model needs no files at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toroidal.config import ToroidalConfig
+from toroidal.integrations.transformers import apply_toroidal, attention_modules, toroidal_layers
+from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.hub import require_hub
+
+# A small Llama: 128 wide, 4 layers, grouped queries (4 heads, 2 key/value heads).
+TINY = {
+    "family": "llama",
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 352,
+    "max_position_embeddings": 1024,
+}
+BUILTIN_PRESETS = {"tiny": TINY}
+# Presets in ./configs/models (the working directory) win over those of the source checkout.
+PRESET_FOLDERS = (Path("configs") / "models", Path(__file__).resolve().parents[2] / "configs" / "models")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a preset (its mapping), a local folder, or a hub name."""
+
+    kind: str  # preset | local | hub
+    name: str
+    preset: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "preset": self.preset}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars, load reports or warnings from transformers (the library never prints)."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def preset_names() -> list[str]:
+    names = set(BUILTIN_PRESETS)
+    for folder in PRESET_FOLDERS:
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.y*ml"))
+    return sorted(names)
+
+
+def _read_preset(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise SetupError(f"cannot read model preset {path}: {error}", "fix the YAML file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("family"), str):
+        raise SetupError(
+            f"model preset {path} must be a mapping with a 'family' (e.g. llama)", "fix the YAML file"
+        )
+    return data
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """A `--model` value: preset name or YAML file, local model folder, else a hub name (if reachable)."""
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SetupError(f"model preset {spec} does not exist", "pass a YAML file or a preset name")
+        return ModelSource("preset", path.stem, _read_preset(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SetupError(
+                f"{spec} is not a model folder (no config.json)",
+                "pass a folder written by save_pretrained, or a preset name",
+            )
+        return ModelSource("local", str(path))
+    if path.parent == Path("."):
+        for folder in PRESET_FOLDERS:
+            for suffix in (".yaml", ".yml"):
+                if (folder / f"{spec}{suffix}").is_file():
+                    return ModelSource("preset", spec, _read_preset(folder / f"{spec}{suffix}"))
+        if spec in BUILTIN_PRESETS:
+            return ModelSource("preset", spec, dict(BUILTIN_PRESETS[spec]))
+    if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
+        raise SetupError(
+            f"unknown model {spec!r}: not a preset, a model folder or a hub name",
+            f"use a preset ({', '.join(preset_names())}) or a folder written by save_pretrained",
+        )
+    # Checked here, before anything (the tokenizer, the config) is downloaded.
+    require_hub(f"model {spec!r}", f"offline, use a preset ({', '.join(preset_names())}) or a local folder")
+    return ModelSource("hub", spec)
+
+
+def _token_ids(tokenizer) -> dict:
+    return {
+        "pad_token_id": tokenizer.pad_id,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+    }
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.Module:
+    """The host model (sdpa attention), initialized from `seed` for presets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source.kind == "preset":
+        fields = dict(source.preset)
+        family = fields.pop("family")
+        try:
+            with quiet_transformers():
+                config = AutoConfig.for_model(
+                    family, **fields, vocab_size=tokenizer.vocab_size, **_token_ids(tokenizer)
+                )
+        except (ValueError, TypeError, KeyError) as error:
+            raise SetupError(f"model preset {source.name!r}: {error}", "fix the preset YAML") from None
+        limit = max_positions(config)
+        if limit is not None and limit < seq_len:
+            raise SetupError(
+                f"model {source.name!r} has {limit} positions, fewer than --seq-len {seq_len}",
+                f"use --seq-len {limit} or less",
+            )
+        torch.manual_seed(seed)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return model
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.name, attn_implementation="sdpa", trust_remote_code=False
+            )
+    except Exception as error:  # missing files, unknown architecture, corrupt weights: one line each
+        raise SetupError(
+            f"cannot load model {source.name}: {_first_line(error)}", "check the model name or folder"
+        ) from None
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > vocab:
+        raise SetupError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, model {source.name} only {vocab} embeddings",
+            "use --tokenizer model",
+        )
+    return model
+
+
+# --- toroidal attention ------------------------------------------------------------------------------
+
+
+def make_toroidal_config(options: dict, seq_len: int) -> ToroidalConfig:
+    """Kernel-mode config: the host keeps its rotary encoding; causal period P = period or seq_len."""
+    try:
+        return ToroidalConfig(
+            depth=options["depth"],
+            lambda_distance=options["lambda_distance"],
+            period=options.get("period"),
+            window=options.get("window"),
+            fusion=options.get("fusion", "low_rank"),
+            fusion_rank=options.get("fusion_rank"),
+            backend=options.get("backend", "auto"),
+            max_len=seq_len,
+            rope="none",
+        )
+    except ValueError as error:
+        raise SetupError(str(error), "fix the toroidal option") from None
+
+
+def add_toroidal(model: nn.Module, config: ToroidalConfig, layers: list[int] | None) -> list[int]:
+    """Toroidal attention in `layers` (None: all); returns the layers it runs in."""
+    try:
+        apply_toroidal(model, config, layers)
+    except ValueError as error:
+        raise SetupError(str(error), "change --depth or --layers") from None
+    return toroidal_layers(model)
+
+
+def check_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
+    """The chosen attention layers, checked against the model."""
+    available = sorted(attention_modules(model))
+    if layers is None:
+        return available
+    bad = [layer for layer in layers if layer not in available]
+    if bad:
+        raise SetupError(
+            f"--layers {bad[0]} does not exist: the model has layers {available[0]}..{available[-1]}",
+            "pick layer indices in that range",
+        )
+    return sorted(set(layers))
+
+
+def freeze_base(model: nn.Module, layers: list[int]) -> int:
+    """Train only the attention modules of `layers` (q, k, v, output projections and depth fusion).
+
+    As in the Phi-2 experiments: the host's embeddings, MLPs, norms, LM head and other
+    layers keep their weights. Returns the number of trainable parameters.
+    """
+    modules = attention_modules(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in layers:
+        for param in modules[layer].parameters():
+            param.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_checkpoint_model(
+    folder: Path, toroidal: ToroidalConfig | None, layers: list[int] | None
+) -> nn.Module:
+    """A model saved by a run (`save_pretrained`), toroidal layers re-applied and fusion weights loaded.
+
+    Every weight must be in the file with its shape: transformers would silently
+    initialize missing ones at random, which is never what evaluating a checkpoint means.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from toroidal.integrations.transformers import FUSION_ATTR, load_toroidal_weights
+
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
+            )
+    except Exception as error:  # corrupt weights, unknown architecture, size mismatch
+        raise CheckpointError(f"cannot load the model in {folder}: {_first_line(error)}") from None
+    unexpected = [
+        k for k in info.get("unexpected_keys", ()) if toroidal is None or f".{FUSION_ATTR}." not in k
+    ]
+    wrong = (
+        sorted(info.get("missing_keys", ()))
+        + sorted(unexpected)
+        + sorted(map(str, info.get("mismatched_keys", ())))
+    )
+    if wrong:
+        raise CheckpointError(
+            f"the weights in {folder} do not match its config.json (e.g. {wrong[0]}): "
+            "a checkpoint of another architecture or an edited config",
+        )
+    if toroidal is not None:
+        add_toroidal(model, toroidal, layers)
+        try:
+            load_toroidal_weights(model, folder)
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"cannot load the toroidal weights in {folder}: {error}") from None
+        except Exception as error:  # safetensors raises its own type for corrupt files
+            raise CheckpointError(f"cannot read the weights in {folder}: {_first_line(error)}") from None
+    return model.eval()

@@ -1,0 +1,148 @@
+"""The folder of a training run, and loading a trained model back from it.
+
+    train_config.json   the run's options (TrainConfig) and what was derived from them
+    toroidal.json       the ToroidalConfig and layers (toroidal runs only)
+    model/              save_pretrained: config.json + model.safetensors (fusion parameters included)
+    tokenizer/          the tokenizer (see tokenization.py)
+    checkpoints/        training state for --resume (see checkpoint.py)
+    metrics.json        the result record (written by the CLI)
+    log.csv, tensorboard/, wandb/   with --log
+
+Everything is written to a temp name and renamed, so a folder never holds half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from toroidal.config import ToroidalConfig
+from toroidal.training.checkpoint import list_checkpoints
+from toroidal.training.config import TrainConfig
+from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.models import load_checkpoint_model
+from toroidal.training.tokenization import load_tokenizer
+
+TRAIN_CONFIG = "train_config.json"
+TOROIDAL_CONFIG = "toroidal.json"
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+METRICS = "metrics.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} does not exist", f"pass a folder written by `toroidal train` as {what}"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON: {error}", f"pass a folder written by `toroidal train` as {what}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
+def holds_run(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (
+        (run_dir / TRAIN_CONFIG).exists() or bool(list_checkpoints(run_dir)) or (run_dir / MODEL_DIR).exists()
+    )
+
+
+def replace_folder(write, target: Path) -> None:
+    """Run `write(tmp_folder)`, then swap the result in for `target` (the old one stays until then)."""
+    target = Path(target)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, run_dir: Path) -> Path:
+    from toroidal.training.models import quiet_transformers
+
+    def write(folder: Path) -> None:
+        with quiet_transformers():
+            model.save_pretrained(folder)  # safetensors, fusion parameters included
+
+    replace_folder(write, Path(run_dir) / MODEL_DIR)
+    return Path(run_dir) / MODEL_DIR
+
+
+def save_tokenizer(tokenizer, run_dir: Path) -> None:
+    replace_folder(tokenizer.save, Path(run_dir) / TOKENIZER_DIR)
+
+
+def save_toroidal(run_dir: Path, config: ToroidalConfig, layers: list[int]) -> None:
+    write_json(Path(run_dir) / TOROIDAL_CONFIG, {"config": config.to_dict(), "layers": layers})
+
+
+def read_train_config(run_dir: Path) -> tuple[TrainConfig, dict]:
+    """(the run's TrainConfig, the whole train_config.json)."""
+    info = read_json(Path(run_dir) / TRAIN_CONFIG, "--checkpoint")
+    try:
+        return TrainConfig.from_dict(info["config"]), info
+    except (KeyError, TypeError, SetupError) as error:
+        raise CheckpointError(f"{Path(run_dir) / TRAIN_CONFIG} is not a training config: {error}") from None
+
+
+def read_toroidal(run_dir: Path) -> tuple[ToroidalConfig, list[int]]:
+    data = read_json(Path(run_dir) / TOROIDAL_CONFIG, "--checkpoint")
+    try:
+        return ToroidalConfig.from_dict(data["config"]), list(data["layers"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{Path(run_dir) / TOROIDAL_CONFIG} is corrupt: {error}") from None
+
+
+@dataclass
+class TrainedRun:
+    model: object
+    tokenizer: object
+    config: TrainConfig
+    toroidal: ToroidalConfig | None
+    layers: list[int] | None
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """The trained model of a run folder, toroidal layers and fusion weights restored, in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {run_dir} does not exist", "pass a folder written by `toroidal train --out`"
+        )
+    config, _ = read_train_config(run_dir)
+    if not (run_dir / MODEL_DIR / "config.json").is_file():
+        raise CheckpointError(
+            f"{run_dir} has no trained model ({MODEL_DIR}/ is missing: the run did not finish)",
+            "resume it with `toroidal train --resume` or pick another folder",
+        )
+    toroidal, layers = read_toroidal(run_dir) if config.attention == "toroidal" else (None, None)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > vocab:
+        raise CheckpointError(
+            f"{run_dir}: the tokenizer ({tokenizer.vocab_size} tokens) does not fit the model ({vocab})"
+        )
+    return TrainedRun(model, tokenizer, config, toroidal, layers)
