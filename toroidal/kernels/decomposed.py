@@ -220,21 +220,49 @@ def _same_position_scores(q, k, depth, scale):
     return (s.float() * scale).masked_fill(~above, float("-inf"))
 
 
-def _piece_forward(aug: _Augmented, piece: Piece):
-    """(output, log-sum-exp) of one piece, in its local frame, before the row constant."""
-    q, k, v = aug.inputs(piece)
-    out, lse = _flash_fwd(q, k, v, 0.0, piece.causal, scale=aug.scale)
-    if piece.causal and aug.depth > 1:
+def _attend(q, k, v, causal: bool, depth: int, scale: float):
+    """(output, log-sum-exp) of full or block-causal attention on aligned platter-tokens."""
+    out, lse = _flash_fwd(q, k, v, 0.0, causal, scale=scale)
+    if causal and depth > 1:
         b, h, length, dim = q.shape
-        n, d = length // aug.depth, aug.depth
-        s = _same_position_scores(q, k, d, aug.scale)
+        n = length // depth
+        s = _same_position_scores(q, k, depth, scale)
         lse_fix = torch.logsumexp(s, dim=-1).reshape(b, h, length)
         merged = torch.logaddexp(lse, lse_fix)
-        p = torch.exp(s - merged.reshape(b, h, n, d, 1))
-        extra = torch.einsum("bhnkl,bhnld->bhnkd", p.to(v.dtype), v.reshape(b, h, n, d, dim))
+        p = torch.exp(s - merged.reshape(b, h, n, depth, 1))
+        extra = torch.einsum("bhnkl,bhnld->bhnkd", p.to(v.dtype), v.reshape(b, h, n, depth, dim))
         out = out * torch.exp(lse - merged)[..., None].to(out.dtype) + extra.reshape(out.shape)
         lse = merged
     return out, lse
+
+
+def _pieces_forward(aug: _Augmented, pieces) -> list:
+    """(output, log-sum-exp) of every piece in its local frame, before row constants.
+
+    Block-causal squares are padded at the end to one size and run as one batched call:
+    fewer, larger kernel calls. Trailing padding is invisible to real rows under causality.
+    """
+    results = {}
+    squares = [i for i, piece in enumerate(pieces) if piece.causal]
+    if len(squares) > 1:
+        tokens = max(pieces[i].q1 - pieces[i].q0 for i in squares) * aug.depth
+        batch = aug.k.shape[0]
+        stacked = [
+            t.new_zeros(len(squares) * batch, t.shape[1], tokens, t.shape[-1])
+            for t in (aug.q_plus, aug.k, aug.v)
+        ]
+        for slot, i in enumerate(squares):
+            for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
+                buffer[slot * batch : (slot + 1) * batch, :, : part.shape[-2]] = part
+        out, lse = _attend(*stacked, True, aug.depth, aug.scale)
+        for slot, i in enumerate(squares):
+            rows = (pieces[i].q1 - pieces[i].q0) * aug.depth
+            chunk = slice(slot * batch, (slot + 1) * batch)
+            results[i] = (out[chunk, :, :rows], lse[chunk, :, :rows])
+    for i, piece in enumerate(pieces):
+        if i not in results:
+            results[i] = _attend(*aug.inputs(piece), piece.causal, aug.depth, aug.scale)
+    return [results[i] for i in range(len(pieces))]
 
 
 def _piece_backward(aug: _Augmented, piece: Piece, grad, out, lse):
@@ -273,8 +301,7 @@ class _DecomposedAttention(torch.autograd.Function):
         out = q.new_zeros(b, h, length, dim)
         lse = torch.full((b, h, length), float("-inf"), device=q.device)
         first_visit = torch.ones(length // geometry.depth, dtype=torch.bool)
-        for piece in pieces:
-            p_out, p_lse = _piece_forward(aug, piece)
+        for piece, (p_out, p_lse) in zip(pieces, _pieces_forward(aug, pieces), strict=True):
             if piece.flip:
                 p_out, p_lse = p_out.flip(2), p_lse.flip(2)
             p_lse = p_lse + aug.row_constant(piece)
