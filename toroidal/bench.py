@@ -122,6 +122,17 @@ class BenchCase:
     def training(self) -> bool:
         return self.mode == "fwd+bwd"
 
+    def kernel_kwargs(self) -> dict:
+        """The keyword arguments of `toroidal_attention` for this row."""
+        return dict(
+            depth=self.depth,
+            lambda_distance=self.lambda_distance,
+            period=self.period,
+            causal=self.causal,
+            window=self.window,
+            backend=self.backend,
+        )
+
     def problem(self) -> str | None:
         """Why this shape cannot exist (a row to skip), or None."""
         if self.d_model % self.heads:
@@ -250,17 +261,7 @@ def case_backend(case: BenchCase) -> str:
     with torch.set_grad_enabled(case.training):
         stand_in = torch.empty((), device=case.device, dtype=DTYPES[case.dtype], requires_grad=case.training)
         q = stand_in.expand(shape)
-        return selected_backend(
-            q,
-            q,
-            q,
-            depth=case.depth,
-            lambda_distance=case.lambda_distance,
-            period=case.period,
-            causal=case.causal,
-            window=case.window,
-            backend=case.backend,
-        )
+        return selected_backend(q, q, q, **case.kernel_kwargs())
 
 
 def materialized_bytes(backend: str, case: BenchCase) -> int:
@@ -430,17 +431,7 @@ def measure_toroidal(case: BenchCase, timing: Timing) -> Measurement:
     """Time `toroidal_attention` on one case (runs in a worker fork on CPU)."""
 
     def attend(q, k, v):
-        return toroidal_attention(
-            q,
-            k,
-            v,
-            depth=case.depth,
-            lambda_distance=case.lambda_distance,
-            period=case.period,
-            causal=case.causal,
-            window=case.window,
-            backend=case.backend,
-        )
+        return toroidal_attention(q, k, v, **case.kernel_kwargs())
 
     def make_step(device):
         shape = (case.batch, case.heads, case.seq_len, case.head_dim)
