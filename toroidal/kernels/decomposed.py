@@ -173,11 +173,8 @@ class _Augmented:
         extra_q = torch.cat(cols_q, -1).to(q.dtype) if cols_q else q.new_zeros(length, 0)
         n_extra = extra_q.shape[-1]
         self.q_plus = torch.cat([q, extra_q.expand(b, h, length, n_extra)], -1)
-        self.q_minus = self.q_plus
-        if lam:
-            ring_col = w + n_extra - 1 - (key_padding is not None)
-            self.q_minus = self.q_plus.clone()
-            self.q_minus[..., ring_col] = -1.0 / scale
+        self._q_minus = None if lam else self.q_plus
+        self._ring_col = w + n_extra - 1 - (key_padding is not None)
         k_parts = [k]
         if cols_k:
             extra_k = torch.cat(cols_k, -1).to(k.dtype)
@@ -187,6 +184,14 @@ class _Augmented:
             k_parts.append(pad_col[:, None, :, None].expand(b, h, length, 1))
         self.k = torch.cat(k_parts, -1)
         self.v = torch.cat([v, v.new_zeros(b, h, length, n_extra)], -1)
+
+    @property
+    def q_minus(self) -> torch.Tensor:
+        """q with the ring column negated, for regions across the seam (built on first use)."""
+        if self._q_minus is None:
+            self._q_minus = self.q_plus.clone()
+            self._q_minus[..., self._ring_col] = -1.0 / self.scale
+        return self._q_minus
 
     def tokens(self, start: int, stop: int) -> slice:
         return slice(start * self.depth, stop * self.depth)
