@@ -1,10 +1,349 @@
-"""`toroidal longbench`: run LongBench long-context tasks (not implemented yet)."""
+"""`toroidal longbench`: LongBench (or generated pass-key, needle) tasks in lm-eval, toroidal vs baseline.
 
-from toroidal_cli.errors import STUB_SETTINGS, not_implemented
+`--checkpoint DIR` evaluates a `toroidal train` run as trained; `--model` a preset, model folder
+or hub model with toroidal attention (options as in `toroidal train`). `--baseline` runs the
+same weights with the host's own attention, `--both` runs both and prints the comparison.
+Task names map to lm-eval's (narrativeqa -> longbench_narrativeqa); passkey, passkey_ll, needle
+and needle_multikey are generated locally at `--lengths`. `toroidal scrolls` is this command
+for SCROLLS. The work is `toroidal.longcontext.run`.
+"""
 
-HELP = "Run LongBench long-context tasks on a checkpoint (not implemented yet)."
-CONTEXT_SETTINGS = STUB_SETTINGS
+# No `from __future__ import annotations`: the options' help texts are built per suite inside
+# make_command, and Typer evaluates string annotations in module globals, where they are unknown.
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from toroidal.longcontext import SUITES, LongContextConfig, ModelSpec, ProgressEvent, run
+from toroidal.longcontext.tasks import SHIPPED_LENGTHS, SYNTHETIC
+from toroidal.training import SetupError
+from toroidal_cli import render
+from toroidal_cli.commands.train import PARSERS, flag_name, setup_error
+from toroidal_cli.errors import UserError
+from toroidal_cli.options import check_out_path, invocation_argv, parse_device, parse_int, split_items
+from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
+
+HELP = (
+    "Run LongBench tasks through lm-eval on a trained run (--checkpoint) or a model (--model); "
+    "--both compares toroidal with baseline attention. passkey and needle tasks are generated "
+    "locally at --lengths (no network)."
+)
+KEY_FIELDS = ("task", "metric", "filter")
+# ModelSpec field -> the flag that sets it (toroidal options: None means "not given").
+TOROIDAL_FLAGS = {
+    "depth": "depth",
+    "lambda_distance": "lambda_",
+    "period": "period",
+    "window": "window",
+    "fusion": "fusion",
+    "fusion_rank": "fusion_rank",
+    "backend": "backend",
+    "layers": "layers",
+}
 
 
-def command() -> None:
-    not_implemented()
+# --- options --------------------------------------------------------------------------------------------
+
+
+def _toroidal_options(values: dict) -> dict:
+    """Given toroidal flags, parsed as `toroidal train` parses them ('none' stays None = not given)."""
+    options = {}
+    for field_name, flag in TOROIDAL_FLAGS.items():
+        raw = values[flag]
+        if raw is not None:
+            options[field_name] = PARSERS[flag](raw, flag_name(flag))
+    return options
+
+
+def _runs(baseline: bool, both: bool) -> tuple[str, ...]:
+    if baseline and both:
+        raise UserError("give --baseline or --both, not both", "--both runs the baseline too")
+    return ("baseline", "toroidal") if both else ("baseline",) if baseline else ("auto",)
+
+
+def _lengths(value: str | None) -> list[int] | None:
+    return None if value is None else [parse_int(item, "--lengths") for item in split_items(value)]
+
+
+def _read_compare(path: Path | None, command: str) -> dict | None:
+    if path is None:
+        return None
+    other = read_result(path, command=command)
+    if not isinstance(other.get("rows"), list):
+        raise UserError(f"{path} has no 'rows'", f"pass a file written by `toroidal {command} --out`")
+    return other
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """lm-eval's and transformers' log lines off (warnings about pre-built models); progress bars stay."""
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "transformers", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _progress(event: ProgressEvent) -> None:
+    """One line per task as it starts (loading is quiet: an error there stays the only line)."""
+    if event.kind == "task":
+        line = f"[{event.index}/{event.total}] {event.attention}: {event.task}"
+        render.err_console.print(Text(line, style="bold"), soft_wrap=True)
+
+
+# --- tables ---------------------------------------------------------------------------------------------
+
+
+def _better(delta: float | None, higher_is_better: bool | None, new: str, old: str) -> str | None:
+    if delta is None or higher_is_better is None:
+        return None
+    if delta == 0:
+        return "same"
+    return new if (delta > 0) == higher_is_better else old
+
+
+def comparison(old_rows: list[dict], new_rows: list[dict], new: str, old: str) -> list[dict]:
+    """Per (task, metric, filter): old and new values, delta, percent change and which side is better."""
+    directions = {tuple(r[k] for k in KEY_FIELDS): r.get("higher_is_better") for r in old_rows + new_rows}
+    out = []
+    for row in compare_rows(old_rows, new_rows, KEY_FIELDS, ["value"]):
+        values = row["metrics"]["value"]
+        direction = directions.get(tuple(row[k] for k in KEY_FIELDS))
+        out.append(
+            {
+                **{k: row[k] for k in KEY_FIELDS},
+                old: values["old"],
+                new: values["new"],
+                "delta": values["delta"],
+                "pct": values["pct"],
+                "better": _better(values["delta"], direction, new, old),
+            }
+        )
+    return out
+
+
+def _pct(value) -> Text:
+    return Text("-" if value is None else f"{value:+.2f}%")
+
+
+def _better_text(value) -> Text:
+    styles = {"toroidal": "bold green", "this": "bold green", "baseline": "bold red", "other": "bold red"}
+    return Text(value or "-", style=styles.get(value, "dim"))
+
+
+def _metric(row: dict) -> str:
+    return row["metric"] if row["filter"] in ("none", "") else f"{row['metric']} ({row['filter']})"
+
+
+def _with_metric_names(rows: list[dict]) -> list[dict]:
+    return [{**row, "metric_name": _metric(row)} for row in rows]
+
+
+def _stderr(value) -> str:
+    return "" if value is None else f"± {render.format_number(value)}"
+
+
+RESULT_COLUMNS = [
+    render.Column("attention", no_wrap=True),
+    render.Column("task", no_wrap=True),
+    render.Column("metric_name", "metric"),
+    render.Column("value", justify="right"),
+    render.Column("stderr", "stderr", format=_stderr, justify="right"),
+    render.Column("samples", justify="right"),
+]
+
+
+def _compare_columns(old: str, new: str, runs: bool = False) -> list[render.Column]:
+    return [
+        *([render.Column("runs", "attention", no_wrap=True)] if runs else []),
+        render.Column("task", no_wrap=True),
+        render.Column("metric_name", "metric"),
+        render.Column(old, justify="right"),
+        render.Column(new, justify="right"),
+        render.Column("delta", justify="right"),
+        render.Column("pct", "change", format=_pct, justify="right"),
+        render.Column("better", format=_better_text),
+    ]
+
+
+def _of(rows: list[dict], attention: str) -> list[dict]:
+    return [row for row in rows if row["attention"] == attention]
+
+
+def compare_with_file(this: dict, other: dict) -> list[dict]:
+    """This result's rows against another's, run by run (an attention the other lacks: its only run)."""
+    other_rows = other["rows"] + other.get("averages", [])
+    other_runs = list(dict.fromkeys(row["attention"] for row in other_rows))
+    out = []
+    for attention in dict.fromkeys(row["attention"] for row in this["rows"]):
+        against = attention if attention in other_runs else other_runs[0] if len(other_runs) == 1 else None
+        if against is None:
+            continue
+        rows = comparison(
+            _of(other_rows, against), _of(this["rows"] + this["averages"], attention), "this", "other"
+        )
+        runs = attention if against == attention else f"{attention} vs {against}"
+        out += [{"attention": attention, "other_attention": against, "runs": runs, **row} for row in rows]
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def make_command(suite_name: str):
+    """The command function of a suite (longbench, scrolls): same options, other task names."""
+    suite = SUITES[suite_name]
+    default_tasks = (
+        ",".join(suite.default) if len(suite.default) <= 4 else ",".join(suite.default[:3]) + ",..."
+    )
+
+    def command(
+        ctx: typer.Context,
+        checkpoint: Annotated[
+            Path | None,
+            typer.Option(help="A `toroidal train` run folder (model, tokenizer, toroidal layers)."),
+        ] = None,
+        model: Annotated[
+            str | None, typer.Option(help="Instead: a preset (configs/models), model folder or hub name.")
+        ] = None,
+        tasks: Annotated[
+            str | None,
+            typer.Option(
+                help=f"Comma list: {suite.title} names (default {default_tasks}), "
+                f"{', '.join(SYNTHETIC)} (generated), or any lm-eval task."
+            ),
+        ] = None,
+        lengths: Annotated[
+            str | None,
+            typer.Option(
+                help="Context lengths in tokens of the generated tasks, e.g. 1024,2048 "
+                f"(default {','.join(map(str, SHIPPED_LENGTHS))})."
+            ),
+        ] = None,
+        limit: Annotated[int | None, typer.Option(help="At most N samples per task.")] = None,
+        max_length: Annotated[
+            int | None,
+            typer.Option(help="Tokens the model sees (longer contexts are cut); default its positions."),
+        ] = None,
+        batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 1,
+        baseline: Annotated[
+            bool, typer.Option("--baseline", help="Run the same model without toroidal attention.")
+        ] = False,
+        both: Annotated[
+            bool, typer.Option("--both", help="Run baseline and toroidal attention and compare them.")
+        ] = False,
+        depth: Annotated[str | None, typer.Option(help="Platters D per head (--model; default 2).")] = None,
+        lambda_: Annotated[
+            str | None, typer.Option("--lambda", help="Torus distance penalty (default 0.1).")
+        ] = None,
+        period: Annotated[
+            str | None, typer.Option(help="Ring period P; default the run's --seq-len or the max length.")
+        ] = None,
+        window: Annotated[str | None, typer.Option(help="Circular window w (default none).")] = None,
+        fusion: Annotated[str | None, typer.Option(help="Depth fusion (--model; default low_rank).")] = None,
+        fusion_rank: Annotated[str | None, typer.Option(help="low_rank fusion rank (--model).")] = None,
+        backend: Annotated[str | None, typer.Option(help="Toroidal kernel backend (default auto).")] = None,
+        layers: Annotated[
+            str | None, typer.Option(help="Toroidal layers, e.g. 0,2 (--model; default all).")
+        ] = None,
+        tokenizer: Annotated[str, typer.Option(help="With --model: bytes or model; auto picks.")] = "auto",
+        seed: Annotated[int, typer.Option(help="A preset's random initialization.")] = 0,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+        include_path: Annotated[
+            list[Path] | None,
+            typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs (repeatable)."),
+        ] = None,
+        log_samples: Annotated[
+            bool,
+            typer.Option("--log-samples", help="Write lm-eval's per-sample records to OUT.samples.jsonl."),
+        ] = False,
+        compare: Annotated[
+            Path | None, typer.Option("--compare", help=f"Another `toroidal {suite_name} --out` result.")
+        ] = None,
+        out: Annotated[
+            Path | None, typer.Option("--out", "-o", help="Also write the result JSON here.")
+        ] = None,
+    ) -> None:
+        check_out_path(out)
+        if log_samples and out is None:
+            raise UserError("--log-samples needs --out", "the samples go next to the result: --out FILE.json")
+        if (checkpoint is None) == (model is None):
+            raise UserError("give --checkpoint RUN_FOLDER or --model NAME (one of them)")
+        runs = _runs(baseline, both)
+        if device != "auto":
+            parse_device(device)  # the wrapper would fall back to the CPU, as lm-eval's HFLM does
+        other = _read_compare(compare, suite_name)  # fail before the work
+        values = {"lambda_": lambda_, "depth": depth, "period": period, "window": window, "fusion": fusion}
+        values.update(fusion_rank=fusion_rank, backend=backend, layers=layers)
+        try:
+            spec = ModelSpec(
+                checkpoint=str(checkpoint) if checkpoint else None,
+                pretrained=model,
+                tokenizer=tokenizer,
+                seed=seed,
+                **_toroidal_options(values),
+            )
+            config = LongContextConfig(
+                model=spec,
+                suite=suite_name,
+                runs=runs,
+                tasks=split_items(tasks) if tasks is not None else None,
+                lengths=_lengths(lengths),
+                limit=limit,
+                max_length=max_length,
+                batch_size=batch_size,
+                device=device,
+                include_paths=[str(p) for p in include_path or []],
+                log_samples=log_samples,
+            )
+            # lm-eval prints some notes (e.g. "bootstrapping for stddev"): stdout keeps only results.
+            with quiet_libraries(), contextlib.redirect_stdout(sys.stderr):
+                result = run(config, progress=_progress)
+        except SetupError as error:
+            raise setup_error(error) from None
+
+        source = f"checkpoint {checkpoint}" if checkpoint else f"model {model}"
+        render.console.print(Text(f"toroidal {suite_name}: {source}", style="bold"), soft_wrap=True)
+        shown = _with_metric_names(result.rows + result.averages)
+        render.console.print(render.table(shown, RESULT_COLUMNS, title=suite.title))
+        payload = result.payload()
+        if both:
+            table = comparison(_of(shown, "baseline"), _of(shown, "toroidal"), "toroidal", "baseline")
+            title = "toroidal vs baseline (same weights)"
+            render.console.print(
+                render.table(_with_metric_names(table), _compare_columns("baseline", "toroidal"), title)
+            )
+            payload["comparison"] = {"old": "baseline", "new": "toroidal", "rows": table}
+        if other is not None:
+            table = compare_with_file({"rows": result.rows, "averages": result.averages}, other)
+            title = f"this run vs {compare}"
+            render.console.print(
+                render.table(_with_metric_names(table), _compare_columns("other", "this", runs=True), title)
+            )
+            payload["compare"] = {"other": str(compare), "rows": table}
+        if out is not None:
+            argv = invocation_argv(ctx)
+            record = make_record(
+                suite_name, result.config, payload, argv=argv, env=capture_env(result.device)
+            )
+            render.console.print(f"wrote {write_result(out, record)}")
+            if log_samples:
+                from toroidal.longcontext.runner import write_samples
+
+                render.console.print(
+                    f"wrote {write_samples(out.with_name(out.stem + '.samples.jsonl'), result.samples)}"
+                )
+
+    return command
+
+
+command = make_command("longbench")

@@ -1,10 +1,16 @@
-"""`toroidal scrolls`: run SCROLLS long-document tasks (not implemented yet)."""
+"""`toroidal scrolls`: SCROLLS tasks through lm-eval, toroidal vs baseline (`toroidal longbench` options).
 
-from toroidal_cli.errors import STUB_SETTINGS, not_implemented
+Task names map to lm-eval's (quality -> scrolls_quality); the default is all seven. SCROLLS
+scores with the dataset's own metric script, downloaded from the hub with the data.
+"""
 
-HELP = "Run SCROLLS long-document tasks on a checkpoint (not implemented yet)."
-CONTEXT_SETTINGS = STUB_SETTINGS
+from __future__ import annotations
 
+from toroidal_cli.commands.longbench import make_command
 
-def command() -> None:
-    not_implemented()
+HELP = (
+    "Run SCROLLS tasks through lm-eval on a trained run (--checkpoint) or a model (--model); "
+    "--both compares toroidal with baseline attention."
+)
+
+command = make_command("scrolls")
