@@ -46,15 +46,6 @@ def as_user_error(fix: str) -> Iterator[None]:
         raise UserError(str(error), fix) from None
 
 
-# Until a subcommand has its options, it accepts any arguments so that it always gives the one message.
-STUB_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def not_implemented() -> None:
-    """The one message for subcommands that later work will fill in (printed as `toroidal <cmd>: ...`)."""
-    raise UserError("not implemented yet", exit_code=2)
-
-
 def user_errors(name: str) -> Callable[[Callable], Callable]:
     """Decorator for a command callback: UserError -> red line prefixed `toroidal <name>:` and exit code."""
 
