@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from toroidal.training import TrainConfig, evaluate_lm, load_run, train
@@ -32,16 +33,6 @@ def one_thread():
 
 def invoke(*args: str):
     return runner.invoke(app, ["eval", *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

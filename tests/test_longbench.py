@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval")
 
+from helpers import assert_one_line_error
+
 from toroidal.longcontext.synthetic import needle_docs, passkey_docs  # noqa: E402
 from toroidal.longcontext.tasks import (  # noqa: E402
     LONGBENCH,
@@ -57,16 +59,6 @@ def run_dir(tmp_path_factory) -> Path:
     micro = dict(model="micro", seq_len=16, batch_size=4, eval_batches=1, warmup_steps=1, eval_every=0)
     train(TrainConfig(**micro, steps=3), folder)
     return folder
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # --- task names --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -49,16 +50,6 @@ def config(**overrides) -> TrainConfig:
 
 def invoke(*args: str):
     return runner.invoke(app, ["train", *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from toroidal.training.models import (
     check_layers,
     make_toroidal_config,
     max_positions,
-    resolve_model,
+    source_and_tokenizer,
 )
 from toroidal.training.runs import TOKENIZER_DIR, TRAIN_CONFIG, load_run
 from toroidal.training.tokenization import (
@@ -40,7 +40,6 @@ from toroidal.training.tokenization import (
     ByteTokenizer,
     load_model_tokenizer,
     load_tokenizer,
-    parse_tokenizer_spec,
 )
 
 ATTENTIONS = ("auto", "toroidal", "baseline")
@@ -104,20 +103,6 @@ class LoadedModel:
 # --- tokenizers ---------------------------------------------------------------------------------------
 
 
-def _pretrained_tokenizer(name: str, spec: str):
-    kind, _ = parse_tokenizer_spec(spec)
-    source = resolve_model(name)
-    if kind == "auto":
-        kind = "bytes" if source.kind == "preset" else "model"
-    if kind == "bpe":
-        raise SetupError(
-            "a BPE tokenizer is trained by `toroidal train`", "evaluate that run with --checkpoint"
-        )
-    if kind == "model" and source.kind == "preset":
-        raise SetupError(f"preset {source.name!r} has no tokenizer of its own", "use tokenizer bytes")
-    return source, ByteTokenizer() if kind == "bytes" else load_model_tokenizer(source.name)
-
-
 def load_tokenizer_for(
     checkpoint: str | None = None, pretrained: str | None = None, tokenizer: str | None = None
 ):
@@ -134,7 +119,7 @@ def load_tokenizer_for(
     if checkpoint:
         return load_tokenizer(Path(checkpoint) / TOKENIZER_DIR)
     if pretrained:
-        return _pretrained_tokenizer(str(pretrained), str(tokenizer or "auto"))[1]
+        return source_and_tokenizer(str(pretrained), str(tokenizer or "auto"))[1]
     if tokenizer in (None, "", "auto", "bytes"):
         return ByteTokenizer()
     return load_model_tokenizer(str(tokenizer))
@@ -188,7 +173,7 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
 
 
 def _from_pretrained(spec: ModelSpec) -> LoadedModel:
-    source, tokenizer = _pretrained_tokenizer(spec.pretrained, spec.tokenizer)
+    source, tokenizer = source_and_tokenizer(spec.pretrained, spec.tokenizer)
     model = build_model(source, tokenizer, seq_len=1, seed=spec.seed)
     described = {"model": source.name, "model_kind": source.kind}
     if spec.attention == "baseline":

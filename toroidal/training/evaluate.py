@@ -24,10 +24,9 @@ from toroidal.training.models import (
     check_layers,
     make_toroidal_config,
     max_positions,
-    resolve_model,
+    source_and_tokenizer,
 )
 from toroidal.training.runs import load_run, read_train_config
-from toroidal.training.tokenization import ByteTokenizer, load_model_tokenizer, parse_tokenizer_spec
 
 # Options a checkpoint's own training run supplies unless given.
 RUN_DEFAULTS = ("dataset", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size", "seed")
@@ -96,17 +95,7 @@ def _model_and_tokenizer(config: EvalConfig):
     if config.checkpoint is not None:
         run = load_run(config.checkpoint)
         return run.model, run.tokenizer, run.config.attention, run.toroidal, run.layers or []
-    source = resolve_model(config.model)
-    kind, _ = parse_tokenizer_spec(config.tokenizer)
-    if kind == "auto":
-        kind = "bytes" if source.kind == "preset" else "model"
-    if kind == "bpe":
-        raise SetupError(
-            "a BPE tokenizer is trained by `toroidal train`", "evaluate that run with --checkpoint"
-        )
-    if kind == "model" and source.kind == "preset":
-        raise SetupError(f"preset {source.name!r} has no tokenizer of its own", "use --tokenizer bytes")
-    tokenizer = ByteTokenizer() if kind == "bytes" else load_model_tokenizer(source.name)
+    source, tokenizer = source_and_tokenizer(config.model, config.tokenizer)
     model = build_model(source, tokenizer, config.seq_len, config.seed)
     layers = check_layers(model, config.layers)
     toroidal = None

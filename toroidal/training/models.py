@@ -19,6 +19,7 @@ from toroidal.config import ToroidalConfig
 from toroidal.integrations.transformers import apply_toroidal, attention_modules, toroidal_layers
 from toroidal.training.errors import CheckpointError, SetupError
 from toroidal.training.hub import require_hub
+from toroidal.training.tokenization import ByteTokenizer, load_model_tokenizer, parse_tokenizer_spec
 
 # A small Llama: 128 wide, 4 layers, grouped queries (4 heads, 2 key/value heads).
 TINY = {
@@ -115,6 +116,25 @@ def resolve_model(spec: str) -> ModelSource:
     # Checked here, before anything (the tokenizer, the config) is downloaded.
     require_hub(f"model {spec!r}", f"offline, use a preset ({', '.join(preset_names())}) or a local folder")
     return ModelSource("hub", spec)
+
+
+def source_and_tokenizer(name: str, tokenizer_spec: str):
+    """(model source, tokenizer) for a model not trained by `toroidal train`.
+
+    `auto` means bytes for presets (they have no tokenizer) and the model's own otherwise;
+    a BPE tokenizer only exists inside a training run.
+    """
+    kind, _ = parse_tokenizer_spec(tokenizer_spec)
+    source = resolve_model(name)
+    if kind == "auto":
+        kind = "bytes" if source.kind == "preset" else "model"
+    if kind == "bpe":
+        raise SetupError(
+            "a BPE tokenizer is trained by `toroidal train`", "evaluate that run with --checkpoint"
+        )
+    if kind == "model" and source.kind == "preset":
+        raise SetupError(f"preset {source.name!r} has no tokenizer of its own", "use --tokenizer bytes")
+    return source, ByteTokenizer() if kind == "bytes" else load_model_tokenizer(source.name)
 
 
 def _token_ids(tokenizer) -> dict:
