@@ -14,7 +14,7 @@ import toroidal
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 
-COMMANDS = ["train", "eval", "bench", "longbench", "scrolls", "profile", "validate"]
+COMMANDS = ["train", "eval", "bench", "longbench", "scrolls", "profile", "validate", "plot"]
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0]
 
 
-def test_help_lists_exactly_the_seven_commands():
+def test_help_lists_exactly_the_eight_commands():
     assert list(typer.main.get_command(app).commands) == COMMANDS
     result = invoke("--help")
     assert result.exit_code == 0

@@ -1,4 +1,4 @@
-"""The `toroidal` command: seven subcommands, one module each, registered here in help order."""
+"""The `toroidal` command: eight subcommands, one module each, registered here in help order."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import toroidal
 from toroidal_cli.errors import UserError, print_user_error, user_errors
 
 # Help order. Each name is a module in toroidal_cli/commands (see its __init__ for the contract).
-COMMAND_NAMES = ("train", "eval", "bench", "longbench", "scrolls", "profile", "validate")
+COMMAND_NAMES = ("train", "eval", "bench", "longbench", "scrolls", "profile", "validate", "plot")
 COMMANDS = {name: importlib.import_module(f"toroidal_cli.commands.{name}") for name in COMMAND_NAMES}
 
 app = typer.Typer(
@@ -24,6 +24,9 @@ app = typer.Typer(
 )
 
 for _name, _module in COMMANDS.items():
+    if hasattr(_module, "app"):  # a command with subcommands (e.g. `toroidal plot bench`): a Typer sub-app
+        app.add_typer(_module.app, name=_name, help=_module.HELP)
+        continue
     app.command(_name, help=_module.HELP, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(
         user_errors(_name)(_module.command)
     )

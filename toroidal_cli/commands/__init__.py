@@ -1,2 +1,3 @@
 """One module per subcommand. Each has `HELP`, a `command` function whose parameters are its
-options, and optionally `CONTEXT_SETTINGS`; `toroidal_cli.app` registers them in order."""
+options (or `app`, a Typer sub-app, for a command with subcommands), and optionally
+`CONTEXT_SETTINGS`; `toroidal_cli.app` registers them in order."""

@@ -16,6 +16,7 @@ from rich.text import Text
 from toroidal.bench import KEY_FIELDS, BenchSweep, can_isolate, run_sweep
 from toroidal.kernels import backend_names
 from toroidal_cli import render
+from toroidal_cli.commands import plot as plot_command
 from toroidal_cli.errors import UserError, as_user_error
 from toroidal_cli.options import (
     check_out_path,
@@ -401,8 +402,13 @@ def command(
         float | None,
         typer.Option("--fail-on-regression", help="With --compare: exit 1 if a row got slower by > PCT %."),
     ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the rows to this PNG (needs the plot extra).")
+    ] = None,
 ) -> None:
     check_out_path(out)
+    if plot is not None:
+        plot_command.check_plot_out(plot, "--plot")
     if fail_on_regression is not None:
         if compare is None:
             raise UserError("--fail-on-regression needs --compare", "pass --compare OLD.json")
@@ -462,6 +468,8 @@ def command(
             env=capture_env(sweep.device),
         )
         render.console.print(f"wrote {write_result(out, record)}")
+    if plot is not None:
+        plot_command.plot_bench_rows(result.rows, plot)
     if regressions:
         worst = max(regressions, key=lambda row: row["ms_pct"])
         render.console.print(

@@ -30,6 +30,7 @@ from toroidal.training import ProgressEvent, SetupError, TrainConfig, train
 from toroidal.training.distributed import world_size_from_env
 from toroidal.training.runs import METRICS
 from toroidal_cli import render
+from toroidal_cli.commands import plot as plot_command
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import (
     config_path,
@@ -339,7 +340,12 @@ def command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the run's loss curves to this PNG (plot extra).")
+    ] = None,
 ) -> None:
+    if plot is not None:
+        plot_command.check_plot_out(plot, "--plot")
     file_values, file_path = (
         ({}, None) if config is None else read_yaml_options(config, OPTION_NAMES, ("out",))
     )
@@ -372,6 +378,8 @@ def command(
     argv = resolved_argv("train", OPTION_NAMES, options, extra)
     record = make_record("train", result.config, result.payload, argv=argv, env=capture_env(result.device))
     render.console.print(f"wrote {write_result(out / METRICS, record)}")
+    if plot is not None:
+        plot_command.plot_runs([out], plot)
 
 
 def _run_folder(out: Path | None, resume: bool) -> Path:
