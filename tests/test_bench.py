@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 import toroidal.bench as bench
@@ -47,16 +48,6 @@ ROW_FIELDS = {
 
 def invoke(*args: str):
     return runner.invoke(app, ["bench", *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def run_to_json(tmp_path: Path, *args: str, name: str = "bench.json") -> dict:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import typer
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 import toroidal
@@ -21,16 +22,6 @@ runner = CliRunner()
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_help_lists_exactly_the_eight_commands():

@@ -22,13 +22,7 @@ MICRO = dict(model="micro", seq_len=16, batch_size=4, eval_batches=2, warmup_ste
 TEXT = "".join(f"A ring of {i} positions wraps around; platter {i % 4} sees the seam.\n" for i in range(60))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from threads, and a busy machine makes them spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args: str):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 import toroidal.attention
@@ -20,16 +21,6 @@ TINY = ["--seq-len", "16", "--d-model", "32", "--heads", "2", "--depth", "2", "-
 
 def invoke(*args: str):
     return runner.invoke(app, ["profile", *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_profile_writes_tables_trace_and_json(tmp_path):

@@ -35,13 +35,7 @@ MICRO_FLAGS += ["--warmup-steps", "2", "--lr", "0.01"]
 TIMING_KEYS = ("created", "timing", "command")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from threads, and a busy machine makes them spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides) -> TrainConfig:
