@@ -179,7 +179,7 @@ class BenchSweep:
     lambda_distance: list[float] = field(default_factory=lambda: [0.1])
     period: list[int | None] = field(default_factory=lambda: [None])
     device: str = "cpu"
-    warmup: int = 1
+    warmup: int = 3  # one warm-up left the first row of a sweep up to 37% slow on CPU
     repeats: int = 5
     threads: int | None = None
     memory_budget_gb: float | None = None  # skip rows whose materialized scores would exceed it
@@ -302,7 +302,7 @@ class Timing:
     """How to measure: runs, threads, and whether this process is a disposable fork (CPU memory)."""
 
     device: str = "cpu"
-    warmup: int = 1
+    warmup: int = 3
     repeats: int = 5
     threads: int | None = None
     isolated: bool = False
