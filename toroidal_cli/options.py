@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 import typer
 
+from toroidal import devices
 from toroidal_cli.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,22 +16,10 @@ _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half":
 
 def parse_device(text: str) -> torch.device:
     """'cpu', 'cuda' or 'cuda:N', checked against this machine."""
-    spec = text.strip().lower()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
-        raise UserError(f"unknown device {text!r}", "use --device cpu, cuda or cuda:N")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"device {text!r} is not available: this torch sees no CUDA GPU", "use --device cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UserError(
-                f"device {text!r} does not exist: {count} CUDA device(s) visible",
-                f"use --device cuda:0 to cuda:{count - 1}",
-            )
-    return device
+    try:
+        return devices.parse_device(text)
+    except devices.DeviceError as error:
+        raise UserError(error.message, error.fix) from None
 
 
 def parse_dtype(text: str) -> torch.dtype:

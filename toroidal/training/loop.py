@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from toroidal.devices import DeviceError, parse_device
 from toroidal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toroidal.training.config import TrainConfig
 from toroidal.training.data import (
@@ -101,19 +101,12 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def resolve_device(spec: str, dist: DistInfo) -> torch.device:
     """'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'; one GPU per process under torchrun."""
-    text = spec.strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise SetupError(f"unknown device {spec!r}", "use --device auto, cpu, cuda or cuda:N")
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SetupError(
-                f"device {spec!r} is not available: this torch sees no CUDA GPU", "use --device cpu"
-            )
-        if dist.active or device.index is None:
-            device = torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
+    try:
+        device = parse_device(spec, allow_auto=True)
+    except DeviceError as error:
+        raise SetupError(error.message, error.fix) from None
+    if device.type == "cuda" and (dist.active or device.index is None):
+        device = torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
     return device
 
 
