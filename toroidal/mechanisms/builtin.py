@@ -1,0 +1,72 @@
+"""The two reference mechanisms: `standard` (plain softmax attention) and `toroidal`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from toroidal.config import ToroidalConfig
+from toroidal.functional import toroidal_attention
+from toroidal.fusion import DepthFusion
+from toroidal.mechanisms.base import KernelModule, check_options
+
+
+def _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, device) -> torch.Tensor | None:
+    """Boolean (B, 1, N_q, N_k) mask for SDPA, or None when plain `is_causal` (or nothing) suffices."""
+    if key_padding_mask is None and (not causal or (q_offset == 0 and n_q == n_k)):
+        return None
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if causal:
+        rows = torch.arange(n_q, device=device)[:, None] + q_offset
+        allowed = torch.arange(n_k, device=device)[None, :] <= rows
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
+class StandardKernel(KernelModule):
+    """Plain softmax attention over the N tokens at full head width. Rows with no key give zeros."""
+
+    def __init__(self, heads: int, head_dim: int, **options):
+        super().__init__()
+        check_options("standard", options, ())
+
+    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        mask = _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, q.device)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_q > 1, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        # SDPA gives NaN on rows with nothing allowed; the house rule is zeros.
+        return torch.where(mask.any(dim=-1, keepdim=True), out, torch.zeros_like(out))
+
+
+TOROIDAL_OPTIONS = (
+    "depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend", "max_len",
+)  # fmt: skip
+
+
+class ToroidalKernel(KernelModule):
+    """`toroidal_attention` followed by depth fusion (the kernel of `ToroidalAttention`, no rotary).
+
+    Options are `ToroidalConfig` fields: depth, lambda_distance, period, window, fusion,
+    fusion_rank, backend, max_len. The period follows `ToroidalConfig.period_for` with the
+    call's causal flag: fixed (period or max_len) when causal, the key length otherwise.
+    """
+
+    def __init__(self, heads: int, head_dim: int, **options):
+        super().__init__()
+        check_options("toroidal", options, TOROIDAL_OPTIONS)
+        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **options)
+        self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
+
+    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+        cfg = self.config
+        period = cfg.period if cfg.period is not None else (cfg.max_len if causal else k.shape[-2])
+        out = toroidal_attention(
+            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
+            window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, backend=cfg.backend,
+            q_offset=q_offset,
+        )  # fmt: skip
+        return self.fusion(out)
