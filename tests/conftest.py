@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Tests must not depend on a tuning table in the user's cache (`toroidal bench --tune`); the
+# tuning tests point this at their own files.
+os.environ["TOROIDAL_TUNING_FILE"] = "off"
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ ROW_FIELDS = {
     "chosen",
     "status",
     "reason",
+    "mechanism_metrics",
+    "estimated_memory_mb",
     "platter_tokens",
     "memory_method",
 }
@@ -137,7 +139,8 @@ def test_out_of_memory_becomes_an_oom_row(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
-    monkeypatch.setattr(bench, "time_call", out_of_memory)
+    monkeypatch.setattr(bench, "time_call", out_of_memory)  # unpaired timing
+    monkeypatch.setattr(bench, "_timed", out_of_memory)  # paired timing
     record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa,blockwise")
     assert [row["status"] for row in record["rows"]] == ["oom", "oom"]
     assert "Tried to allocate" in record["rows"][0]["reason"]
@@ -246,6 +249,10 @@ def test_compare_with_a_missing_file_fails_before_running(tmp_path):
         (["--head-dim", "16"], ["mutually exclusive"]),
         (["--config", "no-such-preset"], ["unknown bench preset", "quick"]),
         (["--config", "missing/file.yaml"], ["does not exist"]),
+        (["--mechanism", "nope"], ["unknown mechanism 'nope'", "standard"]),
+        (["--option", "budget"], ["--option", "NAME=VALUES"]),
+        (["--option", "depth=2"], ["depth", "sweep axes", "own flags"]),
+        (["--mechanism", "standard", "--option", "budget=2"], ["budget", "not accepted", "standard"]),
     ],
 )
 def test_bad_values_are_one_line_errors(args, fragments):
@@ -335,3 +342,32 @@ def test_in_process_rows_do_not_inherit_cached_masks():
     sweep.warmup, sweep.repeats = 0, 1
     bench.run_sweep(sweep)
     assert not get_backend("sdpa")._cache
+
+
+def test_paired_timing_alternates_the_row_with_its_baselines():
+    calls = []
+
+    def factory(name):
+        def make_step(device):
+            return lambda: calls.append(name)
+
+        return make_step
+
+    def failing(device):
+        raise RuntimeError("no room")
+
+    timing = bench.Timing(warmup=2, repeats=3)
+    measured = bench._measure(factory("row"), timing, {"base": factory("base"), "broken": failing})
+    assert calls == ["row"] * 2 + ["base"] * 2 + ["row", "base"] * 3
+    assert len(measured.times) == 3 and len(measured.baseline_times["base"]) == 3
+    assert measured.baseline_times["broken"] == "RuntimeError: no room"
+
+
+@pytest.mark.parametrize("paired", ["--paired", "--no-paired"])
+def test_rows_carry_both_ratios_paired_or_not(tmp_path, paired):
+    record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa", paired)
+    row = record["rows"][0]
+    assert row["status"] == "ok" and row["reason"] is None
+    assert row["overhead"] > 0 and row["vs_standard"] > 0
+    assert row["sdpa_torus_ms"] > 0 and row["sdpa_standard_ms"] > 0
+    assert record["config"]["paired"] is (paired == "--paired")

@@ -145,6 +145,59 @@ def test_plot_attention(tmp_path):
 
 
 @needs_matplotlib
+def test_plot_attention_of_a_trained_run_on_text(run_dir, tmp_path):
+    out = tmp_path / "trained.png"
+    result = invoke("attention", "--checkpoint", str(run_dir), "--text", "a torus!", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    numbers = assert_plot(out, plots.ATTENTION_SIZE)
+    assert numbers["tokens"] == list("a torus!")  # the micro preset reads bytes
+    assert numbers["settings"]["layer"] == 0 and numbers["settings"]["depth"] == 2
+    tokens, positions = torch.tensor(numbers["platter_tokens"]), torch.tensor(numbers["positions"])
+    assert tokens.shape == (16, 16) and positions.shape == (8, 8)
+    assert torch.allclose(positions.sum(dim=1), torch.ones(8), atol=1e-4)
+    assert torch.all(positions.triu(diagonal=1) == 0)  # a causal language model
+    second = invoke("attention", "--checkpoint", str(run_dir), "--text", "a torus!", "--layer", "1",
+                    "--head", "1", "--out", str(tmp_path / "other.png"))  # fmt: skip
+    assert second.exit_code == 0, second.output
+    assert json.loads((tmp_path / "other.json").read_text())["platter_tokens"] != numbers["platter_tokens"]
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--checkpoint", "RUN"], "--checkpoint needs --text"),
+        (["--checkpoint", "RUN", "--text", "hi", "--depth", "4"], "--depth cannot change a trained run"),
+        (["--text", "hi"], "--text needs --checkpoint"),
+        (["--checkpoint", "RUN", "--text", "hi", "--layer", "9"], "layer 9 is not a toroidal layer"),
+        (["--checkpoint", "RUN", "--text", "x" * 1500], "more than the 2048"),
+        (["--checkpoint", "no/such/run", "--text", "hi"], "does not exist"),
+        (["--window", "w"], "--window"),
+    ],
+)
+def test_attention_option_errors(run_dir, tmp_path, args, fragment):
+    args = [str(run_dir) if arg == "RUN" else arg for arg in args]
+    result = invoke("attention", *args, "--out", str(tmp_path / "a.png"))
+    assert_one_line_error(result, "toroidal plot attention:", fragment)
+    assert not (tmp_path / "a.png").exists()
+
+
+@needs_matplotlib
+def test_attention_settings_from_a_config_file_with_flags_over_it(tmp_path):
+    config = tmp_path / "attention.yaml"
+    config.write_text("seq-len: 6\ndepth: 2\ncausal: true\nperiod: 3\n", encoding="utf-8")
+    out = tmp_path / "a.png"
+    result = invoke("attention", "--config", str(config), "--seq-len", "5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((tmp_path / "a.json").read_text())
+    assert numbers["settings"]["seq_len"] == 5 and numbers["settings"]["period"] == 3
+    assert torch.tensor(numbers["positions"]).shape == (5, 5)
+    config.write_text("depth: 2\nsurprise: 1\n", encoding="utf-8")
+    result = invoke("attention", "--config", str(config), "--out", str(out))
+    assert_one_line_error(result, "unknown key(s) surprise")
+
+
+@needs_matplotlib
 def test_attention_bad_head_is_a_user_error(tmp_path):
     result = invoke("attention", "--seq-len", "8", "--head", "5", "--out", str(tmp_path / "a.png"))
     assert_one_line_error(result, "head 5")

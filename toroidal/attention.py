@@ -8,6 +8,7 @@ from torch import nn
 from toroidal.config import ToroidalConfig
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
+from toroidal.kv_cache import KVCache
 from toroidal.rope import ToroidalRotary
 
 # Keywords of the original research implementation, mapped to config fields.
@@ -41,26 +42,37 @@ class ToroidalAttention(nn.Module):
         self.rotary = ToroidalRotary(config.rope, config.head_dim, config.depth, config.rope_base)
         self.fusion = DepthFusion(config.fusion, config.n_heads, config.depth, config.fusion_rank)
         self.dropout = nn.Dropout(config.dropout)
+        self.fft = None  # approximation="fft": content-free circulant mixing in the kernel's place
+        if config.approximation == "fft":
+            from toroidal.fft import FFTToroidalMixing  # here: toroidal.fft loads the mechanism registry
+
+            self.fft = FFTToroidalMixing(config.n_heads, config.depth)
 
     def forward(
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_attention: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, N, d_model); attention_mask: (B, N), 1 for real tokens (Hugging Face convention).
 
-        Returns (output (B, N, d_model), weights (B, H, N*D, N*D) or None).
+        `cache`: exact KV-cache decoding (causal only): x holds positions cache.length.. and
+        the cache grows by them; the outputs equal the full forward pass's rows there.
+        Returns (output (B, N, d_model), weights (B, H, N*D, N_keys*D) or None).
         """
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"expected x of shape (B, N, {cfg.d_model}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        period = cfg.period_for(n)
+        start = 0 if cache is None else self._decoding_start(cache, attention_mask)
+        period = cfg.period_for(start + n)
         q, k, v = self.qkv(x).view(b, n, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q, period=period), self.rotary(k, period=period)
+        q, k = self.rotary(q, start, period), self.rotary(k, start, period)
+        if cache is not None:
+            k, v = cache.append(k, v)
         padding = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out, weights = toroidal_attention(
+        out, weights = (toroidal_attention if self.fft is None else self.fft)(
             q,
             k,
             v,
@@ -73,7 +85,26 @@ class ToroidalAttention(nn.Module):
             backend=cfg.backend,
             return_weights=return_attention,
             always_tuple=True,
+            q_offset=start,
         )
         out = self.dropout(self.fusion(out))
         out = out.transpose(1, 2).reshape(b, n, cfg.d_model)
         return self.out(out), weights
+
+    def get_metrics(self) -> dict:
+        """The mechanism-layer contract (`toroidal.mechanisms`): exact attention measures nothing."""
+        return {}
+
+    def reset_metrics(self) -> None:
+        """Nothing to forget (see `get_metrics`)."""
+
+    def _decoding_start(self, cache: KVCache, attention_mask) -> int:
+        """The position of the first new token; refuses what cached decoding cannot compute exactly."""
+        if not self.config.causal:
+            raise ValueError(
+                "KV-cache decoding needs a causal module: bidirectional positions see later tokens, "
+                "and P = N changes with every token; use ToroidalConfig(causal=True)"
+            )
+        if attention_mask is not None:
+            raise ValueError("KV-cache decoding takes no attention_mask; decode unpadded sequences")
+        return cache.length

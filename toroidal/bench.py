@@ -3,14 +3,18 @@
 A `BenchSweep` is the cartesian product of its axes; `run_sweep` measures every
 `BenchCase` and returns one plain dict per row (nothing here prints). Each row times
 `toroidal_attention` on random unit-normal q, k, v of shape (B, H, N, e), and two
-baselines measured the same way in the same run, once per tensor shape:
+baselines measured the same way in the same run:
 
 - `overhead`:    time / plain SDPA on the B*H*L platter-tokens of width w = e/D
                  (what the torus costs over the best plain kernel at the same size);
 - `vs_standard`: time / plain SDPA on the N tokens of full width e
                  (what a user pays versus the attention toroidal attention replaces).
 
-Both baselines use `is_causal` = the row's causal flag and no other mask.
+Both baselines use `is_causal` = the row's causal flag and no other mask. By default
+(`paired`) every row times its own baselines in the same process, one run of each after
+every run of the row, and a ratio is the median of the per-round ratios: the machine's
+speed drifts (shared, throttled), and runs made moments apart drift together. Unpaired,
+each baseline is timed once per tensor shape in its own process.
 
 Memory. CUDA rows report `torch.cuda.max_memory_allocated` growth over the row.
 CPU has no allocator statistics, so every CPU measurement runs in a fresh fork of a
@@ -36,22 +40,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from toroidal import memory
 from toroidal.functional import selected_backend, toroidal_attention
 from toroidal.kernels import BackendUnavailable, backend_names, get_backend
+from toroidal.mechanisms import build_kernel, get_mechanism
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "fwd+bwd", "stream")  # stream: one decoding step, see toroidal.stream_bench
 OK, SKIPPED, OOM, ERROR = "ok", "skipped", "oom", "error"
 
 # The fields that identify a row: two results are compared row by row on all of them.
 KEY_FIELDS = (
+    "mechanism",
+    "options",
     "backend",
+    "ring_world_size",
     "device",
     "dtype",
     "mode",
@@ -77,6 +86,7 @@ METRIC_FIELDS = (
     "sdpa_standard_ms",
     "overhead",
     "vs_standard",
+    "error",
 )
 TELEMETRY_FIELDS = ("gpu_name", "gpu_util_pct", "gpu_memory_used_mb", "gpu_power_w")
 BACKWARD_FLOP_FACTOR = 3.5  # fwd+bwd = forward + 2.5x forward (FlashAttention's convention)
@@ -103,6 +113,9 @@ class BenchCase:
     lambda_distance: float = 0.1
     period: int | None = None
     device: str = "cpu"
+    mechanism: str = "toroidal"  # see toroidal.mechanisms; "toroidal" times `toroidal_attention`
+    options: tuple[tuple[str, object], ...] = ()  # the mechanism's own options, sorted by name
+    ring_world_size: int | None = None  # W: `ring_attention` on W processes (toroidal.ring_bench)
 
     @property
     def head_dim(self) -> int:
@@ -121,6 +134,17 @@ class BenchCase:
     @property
     def training(self) -> bool:
         return self.mode == "fwd+bwd"
+
+    @property
+    def options_label(self) -> str | None:
+        """The options as `name=value,...` (None without options): one hashable, readable key field."""
+        return ",".join(f"{name}={value}" for name, value in self.options) or None
+
+    def mechanism_kwargs(self) -> dict:
+        """Keywords of the mechanism's kernel builder: the torus axes it accepts, then its options."""
+        accepted = get_mechanism(self.mechanism).accepts
+        axes = {**self.kernel_kwargs(), "max_len": self.period or self.seq_len}
+        return {**{k: v for k, v in axes.items() if k in accepted}, **dict(self.options)}
 
     def kernel_kwargs(self) -> dict:
         """The keyword arguments of `toroidal_attention` for this row."""
@@ -144,7 +168,10 @@ class BenchCase:
     def key(self) -> dict:
         """The row's identifying fields (KEY_FIELDS)."""
         return {
+            "mechanism": self.mechanism,
+            "options": self.options_label,
             "backend": self.backend,
+            "ring_world_size": self.ring_world_size,
             "device": self.device,
             "dtype": self.dtype,
             "mode": self.mode,
@@ -159,6 +186,18 @@ class BenchCase:
             "depth": self.depth,
             "seq_len": self.seq_len,
         }
+
+
+# Kernel options that are sweep axes of their own (--depth, --lambda, ...), never --option values.
+AXIS_OPTIONS = frozenset({"depth", "lambda_distance", "period", "window", "backend", "max_len"})
+
+
+def sweep_options(mechanism: str) -> tuple[str, ...]:
+    """The options of `mechanism` a sweep may vary. The toroidal rows time the bare kernel
+    `toroidal_attention` (no fusion), whose every knob is an axis: none."""
+    if mechanism == "toroidal":
+        return ()
+    return tuple(name for name in get_mechanism(mechanism).accepts if name not in AXIS_OPTIONS)
 
 
 @dataclass
@@ -178,12 +217,16 @@ class BenchSweep:
     window: list[int | None] = field(default_factory=lambda: [None])
     lambda_distance: list[float] = field(default_factory=lambda: [0.1])
     period: list[int | None] = field(default_factory=lambda: [None])
+    mechanism: list[str] = field(default_factory=lambda: ["toroidal"])
+    options: dict[str, list] = field(default_factory=dict)  # mechanism option -> values to sweep
     device: str = "cpu"
     warmup: int = 3  # one warm-up left the first row of a sweep up to 37% slow on CPU
     repeats: int = 5
     threads: int | None = None
     memory_budget_gb: float | None = None  # skip rows whose materialized scores would exceed it
     isolate: bool | None = None  # CPU rows in forked workers; None: wherever it is possible
+    paired: bool = True  # baselines timed with each row, alternating (see the module docstring)
+    ring_world_size: list[int] = field(default_factory=list)  # extra `ring` rows on W processes each
 
     def __post_init__(self) -> None:
         if self.d_model is not None and self.head_dim is not None:
@@ -200,8 +243,36 @@ class BenchSweep:
         for name in self.mode:
             if name not in MODES:
                 raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
+        for name in self.mechanism:
+            get_mechanism(name)  # raises ValueError naming the registered ones
+        axes = set(self.options) & AXIS_OPTIONS
+        if axes:
+            raise ValueError(
+                f"option(s) {', '.join(sorted(axes))}: sweep axes, not mechanism options; use their own flags"
+            )
+        unused = set(self.options) - {option for name in self.mechanism for option in sweep_options(name)}
+        if unused:
+            raise ValueError(
+                f"option(s) {', '.join(sorted(unused))} are not accepted by "
+                f"mechanism(s) {', '.join(self.mechanism)}"
+            )
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if any(world < 1 for world in self.ring_world_size):
+            raise ValueError(f"ring world sizes must be >= 1, got {self.ring_world_size}")
+
+    def _variants(self) -> list[tuple[str, str, tuple]]:
+        """(mechanism, backend, options) triples: backends only for mechanisms that take one,
+        and the cartesian product of only the options each mechanism accepts."""
+        variants = []
+        for mechanism in self.mechanism:
+            accepted = get_mechanism(mechanism).accepts
+            backends = self.backend if mechanism == "toroidal" or "backend" in accepted else ["-"]
+            names = sorted(name for name in self.options if name in sweep_options(mechanism))
+            for values in itertools.product(*(self.options[name] for name in names)):
+                options = tuple(zip(names, values, strict=True))
+                variants += [(mechanism, backend, options) for backend in backends]
+        return variants
 
     def cases(self) -> list[BenchCase]:
         """Every combination, backends innermost so that rows of one shape sit together."""
@@ -222,10 +293,11 @@ class BenchSweep:
             widths,
             self.depth,
             self.seq_len,
-            self.backend,
+            self._variants(),
         )
         cases = []
-        for dtype, mode, causal, window, lam, period, batch, heads, (kind, size), depth, n, backend in grid:
+        for dtype, mode, causal, window, lam, period, batch, heads, (kind, size), depth, n, variant in grid:
+            mechanism, backend, options = variant
             d_model = size if kind == "d_model" else size * heads
             cases.append(
                 BenchCase(
@@ -242,9 +314,24 @@ class BenchSweep:
                     lam,
                     period,
                     self.device,
+                    mechanism,
+                    options,
                 )
             )
-        return cases
+        return self._with_ring_rows(cases)
+
+    def _with_ring_rows(self, cases: list[BenchCase]) -> list[BenchCase]:
+        """After each shape's rows, one toroidal `ring` row per world size (rows of a shape are adjacent)."""
+        if not self.ring_world_size or "toroidal" not in self.mechanism:
+            return cases
+        per_shape, out = len(self._variants()), []
+        for start in range(0, len(cases), per_shape):
+            shape = cases[start : start + per_shape]
+            out += shape
+            if shape[0].mode in ("fwd", "fwd+bwd"):  # ring rows time a training or inference step
+                ring = replace(shape[0], backend="ring", mechanism="toroidal", options=())
+                out += [replace(ring, ring_world_size=world) for world in self.ring_world_size]
+        return out
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -256,7 +343,12 @@ class BenchSweep:
 
 
 def case_backend(case: BenchCase) -> str:
-    """The backend a case runs (auto resolved), from stride-0 stand-ins: nothing is allocated or computed."""
+    """The backend a case runs (auto resolved), from stride-0 stand-ins: nothing is allocated or computed.
+
+    A mechanism that takes no backend runs itself: its name is returned.
+    """
+    if case.mechanism != "toroidal" and "backend" not in get_mechanism(case.mechanism).accepts:
+        return case.mechanism
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     with torch.set_grad_enabled(case.training):
         stand_in = torch.empty((), device=case.device, dtype=DTYPES[case.dtype], requires_grad=case.training)
@@ -271,13 +363,20 @@ def materialized_bytes(backend: str, case: BenchCase) -> int:
     scores, exp, weights; more kept for backward), plus the (L, L) bias. sdpa: the cached
     (L, L) additive mask plus the int64 index grids and float32 bias it is built from.
     """
-    pairs = case.platter_tokens**2
-    if backend == "reference":
-        live = 6 if case.training else 4
-        return case.batch * case.heads * pairs * 4 * live + pairs * 21
-    if backend == "sdpa":
-        return pairs * (DTYPES[case.dtype].itemsize + 1 + 4 + 16)
-    return 0
+    return memory.materialized_bytes(backend, case_shape(case))
+
+
+def case_shape(case: BenchCase) -> memory.AttentionShape:
+    return memory.AttentionShape(
+        case.batch, case.heads, case.seq_len, case.depth, case.head_dim, case.dtype, case.training
+    )
+
+
+def case_estimate(chosen: str, case: BenchCase) -> memory.Estimate | None:
+    """Estimated peak memory of a toroidal kernel row (None for other mechanisms, ring and stream rows)."""
+    if case.mechanism != "toroidal" or case.ring_world_size is not None or case.mode == "stream":
+        return None
+    return memory.attention_call(chosen, case_shape(case))
 
 
 def attention_flops(case: BenchCase) -> float:
@@ -306,6 +405,9 @@ class Timing:
     repeats: int = 5
     threads: int | None = None
     isolated: bool = False
+    # Time each row's plain-SDPA baselines in the same process, alternating with the row's own
+    # runs, so that a ratio compares runs made moments apart on a machine whose speed drifts.
+    paired: bool = True
 
 
 @dataclass(frozen=True)
@@ -326,6 +428,10 @@ class Measurement:
     times: list[float]  # seconds, one per timed run
     peak_memory_bytes: int | None
     memory_method: str | None
+    metrics: dict | None = None  # the mechanism kernel's get_metrics() after the timed runs
+    error: float | None = None  # relative output error against the attention it approximates
+    # Paired baselines: name -> seconds per round (aligned with `times`), or why it failed.
+    baseline_times: dict[str, list[float] | str] = field(default_factory=dict)
 
 
 def time_call(step: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> list[float]:
@@ -392,16 +498,63 @@ class _PeakMemory:
         return False
 
 
-def _measure(make_step: Callable[[torch.device], Callable[[], object]], timing: Timing) -> Measurement:
+StepFactory = Callable[[torch.device], Callable[[], object]]
+
+
+def _timed(step: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def _paired_steps(paired: dict[str, StepFactory], device, warmup: int) -> dict[str, Callable | str]:
+    """Each baseline's step, warmed up; a baseline that fails becomes the reason it failed."""
+    steps: dict[str, Callable | str] = {}
+    for name, make_step in paired.items():
+        try:
+            step = make_step(device)
+            for _ in range(max(warmup, 1)):
+                step()
+            steps[name] = step
+        except Exception as error:
+            steps[name] = f"{type(error).__name__}: {error}".strip()
+    return steps
+
+
+def _measure(
+    make_step: StepFactory, timing: Timing, paired: dict[str, StepFactory] | None = None
+) -> Measurement:
+    """Time `make_step(device)()`; with `paired`, alternate each round with one run of every baseline.
+
+    Peak memory covers the step's setup and warm-up runs (and its first timed run when there is
+    no warm-up), never the baselines, which are set up after it.
+    """
     device = torch.device(timing.device)
     if timing.threads is not None:
         torch.set_num_threads(timing.threads)
     torch.manual_seed(0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if not paired:
+        with _PeakMemory(device, timing.isolated) as peak:
+            step = make_step(device)
+            times = time_call(step, timing.warmup, timing.repeats, sync)
+        return Measurement(times, peak.bytes, peak.method)
     with _PeakMemory(device, timing.isolated) as peak:
         step = make_step(device)
-        times = time_call(step, timing.warmup, timing.repeats, sync)
-    return Measurement(times, peak.bytes, peak.method)
+        for _ in range(timing.warmup):
+            step()
+        times = [] if timing.warmup else [_timed(step, sync)]
+    baselines = _paired_steps(paired, device, timing.warmup)
+    baseline_times = {name: [] if callable(s) else s for name, s in baselines.items()}
+    for round_ in range(timing.repeats):
+        if round_ >= len(times):
+            times.append(_timed(step, sync))
+        for name, baseline in baselines.items():
+            if callable(baseline):
+                baseline_times[name].append(_timed(baseline, sync))
+    return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
 
 
 def _training_step(attend: Callable, q, k, v) -> Callable[[], object]:
@@ -427,22 +580,60 @@ def _inputs(shape, dtype: str, training: bool, device):
     return [torch.randn(shape, device=device, dtype=DTYPES[dtype], requires_grad=training) for _ in range(3)]
 
 
+ERROR_MAX_PLATTER_TOKENS = 16384  # above this, the exact attention for the error column costs too much
+
+
+def approximation_error(case: BenchCase, kernel, device) -> float | None:
+    """Relative Frobenius error of the kernel's output against the attention it approximates.
+
+    None for exact mechanisms and above ERROR_MAX_PLATTER_TOKENS. Computed in float32 on
+    fresh unit-normal inputs, without gradients.
+    """
+    target = get_mechanism(case.mechanism).approximates
+    if target is None or case.platter_tokens > ERROR_MAX_PLATTER_TOKENS:
+        return None
+    shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    q, k, v = (torch.randn(shape, device=device) for _ in range(3))
+    with torch.no_grad():
+        approximate = kernel.float()(q, k, v, causal=case.causal).float()
+        if target == "toroidal":
+            exact = toroidal_attention(q, k, v, **{**case.kernel_kwargs(), "backend": "auto"})
+        else:
+            exact = build_kernel(target, case.heads, case.head_dim).to(device)(q, k, v, causal=case.causal)
+    return float((approximate - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
 def measure_toroidal(case: BenchCase, timing: Timing) -> Measurement:
-    """Time `toroidal_attention` on one case (runs in a worker fork on CPU)."""
+    """Time one case (runs in a worker fork on CPU): `toroidal_attention` for the toroidal
+    mechanism, else the mechanism's kernel module (whose metrics and error the row reports)."""
+    kernel = None
 
     def attend(q, k, v):
+        if kernel is not None:
+            return kernel(q, k, v, causal=case.causal)
         return toroidal_attention(q, k, v, **case.kernel_kwargs())
 
     def make_step(device):
+        nonlocal kernel
+        if case.mechanism != "toroidal":
+            kernel = build_kernel(case.mechanism, case.heads, case.head_dim, **case.mechanism_kwargs())
+            kernel = kernel.to(device=device, dtype=DTYPES[case.dtype]).requires_grad_(case.training)
         shape = (case.batch, case.heads, case.seq_len, case.head_dim)
         q, k, v = _inputs(shape, case.dtype, case.training, device)
         return (_training_step if case.training else _inference_step)(attend, q, k, v)
 
-    return _measure(make_step, timing)
+    paired = None
+    if timing.paired:
+        paired = {name: sdpa_step_factory(call) for name, call in baseline_calls(case).items()}
+    measured = _measure(make_step, timing, paired)
+    if kernel is not None:
+        measured.metrics = kernel.get_metrics() or None
+        measured.error = approximation_error(case, kernel, torch.device(timing.device))
+    return measured
 
 
-def measure_sdpa(call: SdpaCall, timing: Timing) -> Measurement:
-    """Time plain `scaled_dot_product_attention` (a baseline; runs in a worker fork on CPU)."""
+def sdpa_step_factory(call: SdpaCall) -> StepFactory:
+    """A step of plain `scaled_dot_product_attention` on `call`'s shape (a baseline)."""
 
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=call.causal)
@@ -453,7 +644,24 @@ def measure_sdpa(call: SdpaCall, timing: Timing) -> Measurement:
         )
         return (_training_step if call.mode == "fwd+bwd" else _inference_step)(attend, q, k, v)
 
-    return _measure(make_step, timing)
+    return make_step
+
+
+def measure_sdpa(call: SdpaCall, timing: Timing) -> Measurement:
+    """Time plain `scaled_dot_product_attention` (a baseline; runs in a worker fork on CPU)."""
+    return _measure(sdpa_step_factory(call), timing)
+
+
+def baseline_calls(case: BenchCase) -> dict[str, SdpaCall]:
+    """The two plain-SDPA baselines of a row: on the L platter-tokens of width w, on the N tokens."""
+    return {
+        "sdpa_torus": SdpaCall(
+            case.batch, case.heads, case.platter_tokens, case.width, case.dtype, case.mode, case.causal
+        ),
+        "sdpa_standard": SdpaCall(
+            case.batch, case.heads, case.seq_len, case.head_dim, case.dtype, case.mode, case.causal
+        ),
+    }
 
 
 # --- a clean process to fork from (CPU isolation) ------------------------------------------------------
@@ -530,6 +738,9 @@ def _run_forked(payload: bytes) -> bytes:
 
 def serve() -> None:
     """The worker's loop: framed pickled jobs on stdin, framed pickled replies on the original stdout."""
+    # Ctrl-C reaches the whole process group: the parent decides whether a sweep stops, and it
+    # stops between rows, so the row in flight here finishes (a second Ctrl-C ends the parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print must not corrupt the reply stream
@@ -671,6 +882,7 @@ class BenchResult:
     rows: list[dict]
     summary: dict
     notes: list[str]
+    partial: bool = False  # stopped early by `should_stop`: the rows measured so far
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -694,6 +906,8 @@ def _empty_row(case: BenchCase, status: str, reason: str | None, chosen: str | N
     row["reason"] = reason
     row.update(dict.fromkeys(METRIC_FIELDS))
     row["memory_method"] = None
+    row["estimated_memory_mb"] = None
+    row["mechanism_metrics"] = None
     row.update(dict.fromkeys(TELEMETRY_FIELDS))
     return row
 
@@ -733,18 +947,32 @@ def _budget_problem(chosen: str, case: BenchCase, budget_gb: float | None) -> st
 
 def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Timing, budget_gb=None) -> dict:
     """Measure one case into a row dict; problems become `skipped`, `oom` or `error` rows."""
+    if case.mode == "stream":
+        from toroidal.stream_bench import bench_stream_case  # it builds on this module
+
+        return bench_stream_case(case, run, timing, budget_gb)
     problem = case.problem()
     if problem is not None:
         return _empty_row(case, SKIPPED, problem)
+    measure = measure_toroidal
     try:
-        chosen = case_backend(case)
+        if case.ring_world_size is not None:  # W spawned processes
+            from toroidal.ring_bench import measure_ring, ring_chosen  # it builds on this module
+
+            chosen, measure = ring_chosen(case), measure_ring
+        else:
+            chosen = case_backend(case)
     except BackendUnavailable as error:
         return _empty_row(case, SKIPPED, str(error))
+    estimate = case_estimate(chosen, case)
     problem = _budget_problem(chosen, case, budget_gb)
+    if problem is None and estimate is not None:  # refused here rather than killed by the OS
+        problem = memory.over_available(estimate, case.device)
+    estimated_mb = estimate.total / _MB if estimate is not None else None
     if problem is not None:
-        return _empty_row(case, SKIPPED, problem, chosen)
+        return {**_empty_row(case, SKIPPED, problem, chosen), "estimated_memory_mb": estimated_mb}
     try:
-        measured = run(measure_toroidal, case=case, timing=timing)
+        measured = run(measure, case=case, timing=timing)
     except BackendUnavailable as error:
         return _empty_row(case, SKIPPED, str(error), chosen)
     except Exception as error:
@@ -752,6 +980,7 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
         return _empty_row(case, status, f"{type(error).__name__}: {error}".strip(), chosen)
 
     row = _empty_row(case, OK, None, chosen)
+    row["estimated_memory_mb"] = estimated_mb
     median = statistics.median(measured.times)
     row.update(
         median_ms=median * 1e3,
@@ -760,25 +989,27 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
         tokens_per_s=case.batch * case.seq_len / median,
         tflops=attention_flops(case) / median / 1e12,
         memory_method=measured.memory_method,
+        error=measured.error,
+        mechanism_metrics=measured.metrics,
     )
     if measured.peak_memory_bytes is not None:
         row["peak_memory_mb"] = measured.peak_memory_bytes / _MB
-    torus = SdpaCall(
-        case.batch, case.heads, case.platter_tokens, case.width, case.dtype, case.mode, case.causal
-    )
-    standard = SdpaCall(
-        case.batch, case.heads, case.seq_len, case.head_dim, case.dtype, case.mode, case.causal
-    )
-    for name, call, ratio in (
-        ("sdpa_torus_ms", torus, "overhead"),
-        ("sdpa_standard_ms", standard, "vs_standard"),
-    ):
-        try:
-            baseline = baselines.median(call)
-        except Exception as error:
-            row["reason"] = f"baseline {name.removesuffix('_ms')} failed: {type(error).__name__}: {error}"
+    calls = baseline_calls(case)
+    for name, ratio in (("sdpa_torus", "overhead"), ("sdpa_standard", "vs_standard")):
+        paired = measured.baseline_times.get(name)
+        if isinstance(paired, str):
+            row["reason"] = f"baseline {name} failed: {paired}"
             continue
-        row[name], row[ratio] = baseline * 1e3, median / baseline
+        if paired:  # timed in alternation with the row: the median of the per-round ratios
+            ratios = [mine / theirs for mine, theirs in zip(measured.times, paired, strict=True)]
+            row[f"{name}_ms"], row[ratio] = statistics.median(paired) * 1e3, statistics.median(ratios)
+            continue
+        try:
+            baseline = baselines.median(calls[name])
+        except Exception as error:
+            row["reason"] = f"baseline {name} failed: {type(error).__name__}: {error}"
+            continue
+        row[f"{name}_ms"], row[ratio] = baseline * 1e3, median / baseline
     return row
 
 
@@ -811,8 +1042,10 @@ def run_sweep(
     *,
     on_case: Callable[[int, BenchCase], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BenchResult:
-    """Measure every case of `sweep`. `on_case(index, case)` before and `on_row(row)` after each one."""
+    """Measure every case of `sweep`. `on_case(index, case)` before and `on_row(row)` after each one;
+    `should_stop()` is asked before each case, and True ends the sweep there (a partial result)."""
     start = time.perf_counter()
     device = torch.device(sweep.device)
     if sweep.threads is not None:
@@ -821,17 +1054,25 @@ def run_sweep(
     if isolate and not can_isolate():
         raise ValueError("isolated CPU measurements need Linux (fork and /proc)")
     timing = Timing(
-        str(device), sweep.warmup, sweep.repeats, sweep.threads or torch.get_num_threads(), isolate
+        str(device),
+        sweep.warmup,
+        sweep.repeats,
+        sweep.threads or torch.get_num_threads(),
+        isolate,
+        sweep.paired,
     )
     telemetry = GpuTelemetry(device)
     notes = [telemetry.note] if telemetry.note else []
     if device.type == "cpu" and not isolate:
         notes.append("no CPU peak memory: rows ran in this process (isolation off)")
 
-    rows = []
+    rows, partial = [], False
     with _runner(isolate) as run:
         baselines = _Baselines(run, timing)
         for index, case in enumerate(sweep.cases()):
+            if should_stop is not None and should_stop():
+                partial = True
+                break
             if on_case is not None:
                 on_case(index, case)
             row = bench_case(case, run, baselines, timing, sweep.memory_budget_gb)
@@ -845,4 +1086,5 @@ def run_sweep(
             if on_row is not None:
                 on_row(row)
     summary = {**summarize(rows, time.perf_counter() - start), "isolated": isolate, "threads": timing.threads}
-    return BenchResult(rows, summary, notes)
+    summary["partial"] = partial
+    return BenchResult(rows, summary, notes, partial)

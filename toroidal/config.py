@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 ROPE_MODES = ("standard", "orthogonal", "periodic", "none")
 FUSION_MODES = ("low_rank", "attention", "mean", "concat")
+APPROXIMATIONS = ("fft",)  # see toroidal.fft
 
 
 def _fail(field: str, value, constraint: str) -> None:
@@ -36,6 +37,7 @@ class ToroidalConfig:
     max_len: int = 2048
     dropout: float = 0.0
     bias: bool = True
+    approximation: str | None = None  # "fft": O(N log N) content-free circulant mixing (toroidal.fft)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads", "depth", "max_len"):
@@ -77,6 +79,8 @@ class ToroidalConfig:
             _fail("dropout", self.dropout, "must be in [0, 1)")
         if not self.rope_base > 1.0:
             _fail("rope_base", self.rope_base, "must be > 1")
+        if self.approximation is not None and self.approximation not in APPROXIMATIONS:
+            _fail("approximation", self.approximation, f"must be None or one of {', '.join(APPROXIMATIONS)}")
         # Imported here: the registry imports kernels that import this module.
         from toroidal.kernels import backend_names
 

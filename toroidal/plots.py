@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,6 +120,8 @@ def _bench_columns(rows: list[dict]) -> tuple[str | None, list]:
 def _series_name(row: dict, split: str | None, varying: list[str]) -> str:
     parts = [str(row.get("source"))] if row.get("source") else []
     parts.append(str(row.get("backend")))
+    if row.get("ring_world_size"):  # one line per world size of the ring rows
+        parts.append(f"W={row['ring_world_size']}")
     parts += [f"{key}={row.get(key)}" for key in varying if key != split]
     return " ".join(parts)
 
@@ -329,6 +332,57 @@ def attention_weights(
     return weights[0, head].float()
 
 
+@dataclass
+class TrainedAttention:
+    """One head's weights for a text through a trained run, and what to label the picture with."""
+
+    weights: torch.Tensor  # (N*D, N*D) platter-token weights, float32
+    depth: int
+    period: int  # the ring period the layer used
+    tokens: list[str]  # the text's tokens, decoded one by one
+    layer: int
+    layers: list[int]  # every toroidal layer of the run
+
+
+def trained_attention_weights(
+    run_dir: str | os.PathLike, text: str, *, layer: int | None = None, head: int = 0, max_tokens: int
+) -> TrainedAttention:
+    """Weights of one head of a trained run's toroidal layer (the first one by default) for `text`.
+
+    The model runs the reference backend on that layer so the weights are materialized;
+    the other layers run as trained. Raises ValueError for a text, layer or head that does
+    not fit, and `CheckpointError` for a run folder that cannot be loaded.
+    """
+    from toroidal.integrations.transformers import capture_attention
+    from toroidal.training.runs import load_run
+
+    run = load_run(run_dir)
+    if run.toroidal is None:
+        raise ValueError(f"{run_dir} is a {run.config.attention} run: it has no toroidal layer to draw")
+    layers = sorted(run.layers)
+    layer = layers[0] if layer is None else layer
+    if layer not in layers:
+        raise ValueError(f"layer {layer} is not a toroidal layer of {run_dir}; its toroidal layers: {layers}")
+    ids = run.tokenizer.encode(text).reshape(-1)
+    depth = run.toroidal.depth
+    if ids.numel() == 0:
+        raise ValueError("the text has no tokens")
+    if ids.numel() * depth > max_tokens:
+        raise ValueError(
+            f"the text has {ids.numel()} tokens, {ids.numel() * depth} platter tokens at D={depth}: "
+            f"more than the {max_tokens} a heat map can show"
+        )
+    heads = run.model.config.num_attention_heads
+    if not 0 <= head < heads:
+        raise ValueError(f"head {head} is not one of the {heads} heads (0..{heads - 1})")
+    with torch.no_grad(), capture_attention(run.model, layer) as captured:
+        run.model(input_ids=ids[None])
+    tokens = [run.tokenizer.decode([int(token)]) for token in ids]
+    # Causal language models ring with a fixed period (see integrations.transformers).
+    period = run.toroidal.period if run.toroidal.period is not None else run.toroidal.max_len
+    return TrainedAttention(captured[0][0, head].float(), depth, period, tokens, layer, layers)
+
+
 def position_weights(weights: torch.Tensor, depth: int) -> torch.Tensor:
     """(N*D, N*D) platter-token weights -> (N, N): summed over key platters, averaged over query platters.
 
@@ -351,13 +405,27 @@ def _seams(axes, size: int, step: int) -> None:
         axes.axvline(at - 0.5, color="white", linestyle="--", linewidth=0.6)
 
 
+MAX_TOKEN_LABELS = 40  # more token labels than this on an axis are unreadable
+
+
+def _token_ticks(axes, tokens: list[str]) -> None:
+    labels = [repr(token)[1:-1] for token in tokens]  # newlines and tabs visible, no quotes
+    axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    axes.set_yticks(range(len(labels)), labels, fontsize=6)
+
+
 def plot_attention(
-    weights: torch.Tensor, depth: int, out: str | os.PathLike, settings: dict
+    weights: torch.Tensor,
+    depth: int,
+    out: str | os.PathLike,
+    settings: dict,
+    tokens: list[str] | None = None,
 ) -> tuple[Path, Path]:
     """Heat maps of one head's weights: platter tokens (N*D x N*D) and positions (N x N).
 
     `settings` (seq_len, depth, lambda, window, causal, period, head, seed...) goes into
-    the title and the JSON; its "period", when below N, draws the seams.
+    the title and the JSON; its "period", when below N, draws the seams. `tokens` (the
+    text of each position, for a trained model) label the position axes when few enough.
     """
     weights = weights.detach().float().cpu()
     positions = position_weights(weights, depth)
@@ -366,6 +434,8 @@ def plot_attention(
     tokens_axes, positions_axes = figure.subplots(1, 2)
     _heat_map(figure, tokens_axes, weights, f"platter tokens ({n * depth}×{n * depth})", "platter-token")
     _heat_map(figure, positions_axes, positions, f"positions ({n}×{n}, platters averaged)", "position")
+    if tokens is not None and len(tokens) <= MAX_TOKEN_LABELS:
+        _token_ticks(positions_axes, tokens)
     period = settings.get("period") or n
     if period < n:
         _seams(tokens_axes, n * depth, period * depth)
@@ -377,4 +447,6 @@ def plot_attention(
         "platter_tokens": weights.tolist(),
         "positions": positions.tolist(),
     }
+    if tokens is not None:
+        numbers["tokens"] = tokens
     return _save(figure, out, numbers)

@@ -5,6 +5,10 @@ free of profiling code: forward hooks on its submodules (qkv -> projections, rot
 fusion, out -> output) and, for the kernel, `toroidal.attention.toroidal_attention`
 wrapped for the duration of the run. fwd+bwd adds a `backward` range. Time not in a
 stage (reshapes, dropout, the module's own glue) is reported as `other`.
+
+Another mechanism (`ProfileSpec.mechanism`) runs as the standalone layer of
+`toroidal.mechanisms.build_attention`: projections, its kernel module (the `kernel`
+stage, with whatever fusion the kernel does itself) and the output projection.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import toroidal.attention as attention_module
 from toroidal.attention import ToroidalAttention
-from toroidal.bench import DTYPES, MODES, GpuTelemetry
+from toroidal.bench import DTYPES, GpuTelemetry
 from toroidal.config import ToroidalConfig
 from toroidal.functional import selected_backend
+from toroidal.mechanisms import build_attention
 
 LABEL = "toroidal::"
 FORWARD_STAGES = ("projections", "rotary", "kernel", "fusion", "output")
-_SUBMODULE_STAGES = (("qkv", "projections"), ("rotary", "rotary"), ("fusion", "fusion"), ("out", "output"))
+_SUBMODULE_STAGES = (
+    ("qkv", "projections"), ("rotary", "rotary"), ("fusion", "fusion"), ("kernel", "kernel"),
+    ("out", "output"),
+)  # fmt: skip
 _MB = 1024**2
 
 
@@ -46,12 +54,14 @@ class ProfileSpec:
     steps: int = 1  # profiled steps; times are per step
     top: int = 15
     threads: int | None = None
+    mechanism: str = "toroidal"  # another one runs `build_attention(mechanism, ...)`
+    options: dict = field(default_factory=dict)  # the kernel options of a mechanism other than toroidal
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.mode not in ("fwd", "fwd+bwd"):  # a decoding step (stream) is `toroidal bench --mode stream`
+            raise ValueError(f"mode {self.mode!r} cannot be profiled; choose fwd or fwd+bwd")
         if min(self.batch, self.seq_len, self.steps, self.top) < 1 or self.warmup < 0:
             raise ValueError("batch, seq_len, steps and top must be >= 1, warmup >= 0")
 
@@ -84,6 +94,8 @@ def stage_ranges(module: ToroidalAttention, chosen: list[str]) -> Iterator[None]
     """Label the module's stages with record_function ranges; each kernel call's backend goes to `chosen`."""
     handles = []
     for attr, stage in _SUBMODULE_STAGES:
+        if not isinstance(getattr(module, attr, None), torch.nn.Module):
+            continue  # the stages of another layout (a mechanism layer has no rotary or fusion of its own)
         open_ranges: list[record_function] = []
 
         def enter(_module, _args, stage=stage, open_ranges=open_ranges):
@@ -203,6 +215,15 @@ def peak_allocated_bytes(prof: profile, device_type: str) -> int | None:
     return peak
 
 
+def _layer(spec: ProfileSpec) -> torch.nn.Module:
+    if spec.mechanism == "toroidal":
+        return ToroidalAttention(spec.config)
+    cfg = spec.config
+    return build_attention(
+        spec.mechanism, cfg.d_model, cfg.n_heads, causal=cfg.causal, bias=cfg.bias, **spec.options
+    )
+
+
 def profile_attention(spec: ProfileSpec) -> ProfileResult:
     """Run `spec.warmup` unprofiled steps, then profile `spec.steps` steps of forward (and backward)."""
     device = torch.device(spec.device)
@@ -210,7 +231,7 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(0)
     training = spec.mode == "fwd+bwd"
-    module = ToroidalAttention(spec.config).to(device=device, dtype=DTYPES[spec.dtype])
+    module = _layer(spec).to(device=device, dtype=DTYPES[spec.dtype])
     x = torch.randn(spec.batch, spec.seq_len, spec.config.d_model, device=device, dtype=DTYPES[spec.dtype])
     x.requires_grad_(training)
     on_device = device.type == "cuda"
@@ -218,7 +239,8 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
 
     def step():
         with record_function(LABEL + "step"), torch.set_grad_enabled(training):
-            out, _ = module(x)
+            out = module(x)
+            out = out[0] if isinstance(out, tuple) else out  # ToroidalAttention also returns weights
             if training:
                 with record_function(LABEL + "backward"):
                     out.backward(torch.ones_like(out))
@@ -246,8 +268,10 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
     averages = prof.key_averages()
     telemetry = GpuTelemetry(device)
     summary = {
+        "mechanism": spec.mechanism,
         "backend": spec.config.backend,
         "chosen": chosen[-1] if chosen else None,
+        "mechanism_metrics": module.get_metrics() if hasattr(module, "get_metrics") else None,
         "step_ms": wall * 1e3 / spec.steps,
         "peak_memory_mb": peak / _MB if peak is not None else None,
         "memory_method": method if peak is not None else None,

@@ -493,13 +493,22 @@ def validation_suite(
     dtype: torch.dtype = torch.float32,
     quick: bool = False,
     backends: list[str] | None = None,
+    mechanism: str = "toroidal",
 ) -> list[tuple[str, Check]]:
-    """The checks of `toroidal validate`, as (group name, zero-argument function) pairs, in run order."""
+    """The checks of `toroidal validate`, as (group name, zero-argument function) pairs, in run order.
+
+    Another `mechanism` gets the checks of `toroidal.mechanism_checks` instead."""
     device = torch.device(device)
     if dtype not in KERNEL_TOLERANCE:
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    if mechanism != "toroidal":
+        from toroidal.mechanism_checks import mechanism_suite  # it builds on this module
+
+        return mechanism_suite(mechanism, device, dtype)
     _selected(backends)  # fail early on an unknown backend name
     cases = QUICK_CASES if quick else FULL_CASES
+    from toroidal.stream_checks import check_decoding  # it builds on this module
+
     return [
         ("distances", check_geometry),
         ("rope orthogonality", check_orthogonality),
@@ -509,6 +518,7 @@ def validation_suite(
         ("research snippet", lambda: check_research_snippet(device)),
         ("backends vs reference", lambda: check_backends(device, dtype, cases, backends)),
         ("padded rows", lambda: check_padded_rows(device, dtype, backends)),
+        ("decoding", lambda: check_decoding(device)),
     ]
 
 
@@ -527,9 +537,10 @@ def run_validation(
     dtype: torch.dtype = torch.float32,
     quick: bool = False,
     backends: list[str] | None = None,
+    mechanism: str = "toroidal",
 ) -> list[CheckResult]:
     results = []
-    for group, check in validation_suite(device, dtype, quick, backends):
+    for group, check in validation_suite(device, dtype, quick, backends, mechanism):
         results.extend(run_check(group, check))
     return results
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -35,12 +36,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
-def invocation_argv(ctx: typer.Context) -> list[str]:
-    """The command line that reproduces this run: `toroidal <command>` and every option's resolved value."""
+def invocation_argv(ctx: typer.Context, given_only: bool = False, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The command line that reproduces this run: `toroidal <command>` and every option's resolved value
+    (`given_only`: only the options given on the command line, so a --config file still applies;
+    `exclude`: parameter names to leave out)."""
     argv = ["toroidal", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
+        if param.name in exclude:
+            continue
         value = ctx.params.get(param.name)
         kind = getattr(param, "param_type_name", "")  # duck-typed: typer may vendor click
+        source = getattr(ctx.get_parameter_source(param.name), "name", None)
+        if given_only and kind == "option" and source != "COMMANDLINE":
+            continue
         if kind == "argument":
             values = value if isinstance(value, (list, tuple)) else [value]
             argv.extend(str(item) for item in values if item is not None)
@@ -164,3 +172,12 @@ def load_config(path: Path, known_keys: tuple[str, ...]) -> dict:
             f"config {path}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(known_keys)}"
         )
     return config
+
+
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let a hub model run the Python code in its repository (off: only transformers' own code runs).",
+    ),
+]

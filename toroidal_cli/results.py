@@ -33,6 +33,18 @@ from toroidal_cli.errors import UserError
 SCHEMA_PREFIX = "toroidal."
 SCHEMA_VERSION = 1
 HEADER_KEYS = ("schema", "command", "created", "toroidal_version", "env", "config")
+# What may differ between two runs of the same command with the same seed on the same machine: when
+# it ran and how fast (peak RSS included). Everything else in a record is reproducible.
+VOLATILE_KEYS = frozenset({"created", "timing", "seconds", "wall_time_s", "tokens_per_s", "peak_memory_mb"})
+
+
+def without_volatile(value):
+    """A record (or any part of one) without its VOLATILE_KEYS, at every depth."""
+    if isinstance(value, dict):
+        return {key: without_volatile(item) for key, item in value.items() if key not in VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [without_volatile(item) for item in value]
+    return value
 
 
 # --- environment ---------------------------------------------------------------------------------

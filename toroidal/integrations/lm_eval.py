@@ -14,6 +14,8 @@ Model arguments (`--model_args key=value,...`):
     checkpoint=DIR          a `toroidal train` run folder (model, tokenizer, toroidal layers, fusion weights)
     pretrained=NAME|PATH    or a causal LM: a preset (configs/models), a model folder or a hub name
     attention=auto|toroidal|baseline   auto: a checkpoint as trained, other models toroidal
+    mechanism=NAME          a registered mechanism (standard, toroidal, tiled, ...) instead; the
+                            options it accepts are model arguments too (e.g. budget=4)
     depth= lambda= period= window= fusion= fusion_rank= backend= layers=0;2   toroidal options
     tokenizer=auto|bytes|model          with pretrained (auto: bytes for presets)
     seed=N  device=auto|cpu|cuda[:N]  dtype=float32|bfloat16|float16  batch_size=N  max_length=N
@@ -39,6 +41,7 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
 from toroidal.longcontext.sources import LoadedModel, ModelSpec, load_model
+from toroidal.mechanisms import get_mechanism
 
 MODEL_NAME = "toroidal"
 # HFLM arguments that make sense for a model built here (the others load models from names).
@@ -134,6 +137,10 @@ def spec_from_args(args: dict) -> ModelSpec:
     """A ModelSpec from lm-eval model arguments (already typed by lm-eval's parser)."""
     args = {_SPEC_ALIASES.get(key, key): value for key, value in args.items()}
     known = {f.name for f in dataclasses.fields(ModelSpec)}
+    mechanism = args.get("mechanism")
+    if mechanism not in (None, "", "standard", "toroidal"):  # its own options are model arguments
+        own = [key for key in get_mechanism(str(mechanism)).accepts if key in args and key not in known]
+        args["mechanism_options"] = {key: args.pop(key) for key in own}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(
@@ -145,7 +152,7 @@ def spec_from_args(args: dict) -> ModelSpec:
             args[name] = _optional_int(args[name], name)
     if "layers" in args:
         args["layers"] = _layers(args["layers"])
-    for name in ("checkpoint", "pretrained", "tokenizer", "fusion", "backend", "attention"):
+    for name in ("checkpoint", "pretrained", "tokenizer", "fusion", "backend", "attention", "mechanism"):
         if args.get(name) is not None:
             args[name] = str(args[name])
     if args.get("lambda_distance") is not None:

@@ -67,6 +67,8 @@ them with `load_toroidal_weights(model, path)`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,8 @@ class LayerState:
     head_dim: int
     order: list[int] | None  # head-dim permutation of q and k (None: identity)
     _orders: dict = field(default_factory=dict, repr=False)  # the order as an index, per device
+    # Set by `capture_attention`: the next calls run the reference backend and keep their weights.
+    captured: list | None = field(default=None, repr=False)
 
     def order_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._orders:  # built once: no host-to-device copy per call
@@ -227,6 +231,19 @@ def _keys_for_call(mask, n_q: int, n_k: int) -> KeyInfo:
     raise TypeError(f"toroidal layers cannot read a host attention mask of type {type(mask).__name__}")
 
 
+def host_keys(label: str, mask, n_q: int, n_k: int, causal: bool) -> KeyInfo:
+    """The kernel's view of the host mask; refuses a mask that is not plain causal or bidirectional."""
+    keys = _keys_for_call(mask, n_q, n_k)
+    if not (keys.plain_causal if causal else keys.plain_bidirectional):
+        kind = "causal" if causal else "bidirectional"
+        raise ValueError(
+            f"{label}: the host attention mask is not plain {kind} attention with "
+            "padding (a sliding window that bites, packed sequences or a custom mask); these layers "
+            "take only key padding, causality and their own window"
+        )
+    return keys
+
+
 def _mask_function(fallback: str):
     """The previous mask function, with the kernel's view of the keys attached to its mask."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, prepare_padding_mask
@@ -265,20 +282,17 @@ def _toroidal_forward(module, query, key, value, attention_mask, scaling=None, i
             f"toroidal layer {state.layer} was set up for {state.heads} heads of {state.head_dim} dims, "
             f"got queries {tuple(query.shape)} (B, H, N, e)"
         )
+    stream = getattr(module, "toroidal_stream", None)
+    if stream is not None:  # streaming (toroidal.integrations.streaming): a latent state instead of keys
+        return stream.step(module, query, key, value, scaling)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    keys = _keys_for_call(attention_mask, n_q, n_k)
-    if not (keys.plain_causal if causal else keys.plain_bidirectional):
-        kind = "causal" if causal else "bidirectional"
-        raise ValueError(
-            f"toroidal layer {state.layer}: the host attention mask is not plain {kind} attention with "
-            "padding (a sliding window that bites, packed sequences or a custom mask); toroidal layers "
-            "take only key padding, causality and their own circular window"
-        )
+    keys = host_keys(f"toroidal layer {state.layer}", attention_mask, n_q, n_k, causal)
     if state.order is not None:
         order = state.order_on(query.device)
         query, key = query.index_select(-1, order), key.index_select(-1, order)
     period = cfg.period if cfg.period is not None else (cfg.max_len if causal else n_k)
-    out = toroidal_attention(
+    capturing = state.captured is not None
+    out, weights = toroidal_attention(
         query,
         key,
         value,
@@ -289,9 +303,13 @@ def _toroidal_forward(module, query, key, value, attention_mask, scaling=None, i
         window=cfg.window,
         key_padding_mask=keys.padding,
         scale=scaling,
-        backend=cfg.backend,
+        backend="reference" if capturing else cfg.backend,
         q_offset=keys.q_offset,
+        return_weights=capturing,
+        always_tuple=True,
     )
+    if capturing:
+        state.captured.append(weights.detach())
     out = getattr(module, FUSION_ATTR)(out)
     out = F.dropout(out, cfg.dropout, training=module.training)
     # The interface returns (B, N, H, e) and the attention weights (never materialized here).
@@ -322,6 +340,20 @@ def _register(fallback: str) -> str:
 # --- public API --------------------------------------------------------------------
 
 
+@contextmanager
+def capture_attention(model: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
+    """Within the block, toroidal layer `layer` runs the reference backend and appends the weights of
+    every call, (B, H, N_q*D, N_k*D) platter-token weights, to the yielded list."""
+    state = getattr(attention_modules(model).get(layer), "toroidal", None)
+    if state is None:
+        raise ValueError(f"layer {layer} is not a toroidal layer; toroidal layers: {toroidal_layers(model)}")
+    state.captured = captured = []
+    try:
+        yield captured
+    finally:
+        state.captured = None
+
+
 def is_toroidal(model: nn.Module) -> bool:
     """Whether `apply_toroidal` is in effect on `model`."""
     return str(model.config._attn_implementation).startswith(PREFIX)
@@ -344,6 +376,11 @@ def apply_toroidal(model: nn.Module, config: ToroidalConfig, layers=None) -> nn.
         raise ValueError(
             f"ToroidalConfig.rope={config.rope!r}: in a transformers model the host keeps its own rotary "
             "encoding; use rope='none'"
+        )
+    if config.approximation is not None:
+        raise ValueError(
+            f"ToroidalConfig.approximation={config.approximation!r} applies to ToroidalAttention only; "
+            "in a transformers model use apply_mechanism(model, 'fft')"
         )
     previous = model.config._attn_implementation
     if is_toroidal(model):
@@ -396,11 +433,17 @@ def load_toroidal_weights(model: nn.Module, source) -> None:
     `source`: a save directory, a .safetensors file or a state dict. Every fusion
     parameter of `model` must be found; extra fusion parameters are an error too.
     """
+    fix = "apply_toroidal with the config and layers the model was saved with"
+    load_attached_weights(model, source, FUSION_ATTR, "fusion", fix)
+
+
+def load_attached_weights(model: nn.Module, source, attr: str, what: str, fix: str) -> None:
+    """Load the tensors of the submodules named `attr` that an integration attached (see above)."""
     from safetensors import safe_open
 
-    wanted = {k for k in model.state_dict() if f".{FUSION_ATTR}." in k}
+    wanted = {k for k in model.state_dict() if f".{attr}." in k}
     if isinstance(source, dict):
-        found = {k: v for k, v in source.items() if f".{FUSION_ATTR}." in k}
+        found = {k: v for k, v in source.items() if f".{attr}." in k}
     else:
         path = Path(source)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
@@ -408,13 +451,13 @@ def load_toroidal_weights(model: nn.Module, source) -> None:
             raise FileNotFoundError(f"no .safetensors file at {path}")
         found = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as f:  # reads only the fusion tensors
-                names = [k for k in f.keys() if f".{FUSION_ATTR}." in k]  # noqa: SIM118 (not a dict)
+            with safe_open(str(file), framework="pt") as f:  # reads only the attached tensors
+                names = [k for k in f.keys() if f".{attr}." in k]  # noqa: SIM118 (not a dict)
                 found.update({k: f.get_tensor(k) for k in names})
     missing, extra = sorted(wanted - set(found)), sorted(set(found) - wanted)
     if missing or extra:
         raise ValueError(
-            f"fusion parameters do not match: missing {missing or 'none'}, unexpected {extra or 'none'}; "
-            "apply_toroidal with the config and layers the model was saved with"
+            f"{what} parameters do not match: missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'}; {fix}"
         )
     model.load_state_dict(found, strict=False)

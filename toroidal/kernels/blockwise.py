@@ -66,7 +66,7 @@ def _tile_plan(geometry: TorusGeometry, lq: int, lk: int, tile: int, key_padding
     ]
 
 
-class _Tiles:
+class Tiles:
     """Tiling of one call, shared by forward and backward: the plan and each tile's scores."""
 
     def __init__(self, geometry, key_padding, tile, lq, lk, batch, device):
@@ -118,37 +118,74 @@ class _Tiles:
         return s
 
 
+def tiled_forward(tiles: Tiles, q, k, v, scale: float):
+    """Online-softmax forward over `tiles` on float32 (B*H, L, w) tensors (one batched matmul per tile).
+
+    Returns the output (B*H, Lq, w) and the row log-sum-exp (B*H, Lq, 1), +inf on rows that see
+    nothing, so that probabilities recomputed from it are exactly 0. `toroidal.ring` merges these.
+    """
+    bh, lq, w = q.shape
+    q_tiles, k_tiles = tiles.split(q), tiles.split(k)
+    # A column of ones after v makes p @ v also return the row sums of p.
+    v_tiles = tiles.split(F.pad(v, (0, 1), value=1.0))
+    out = q.new_zeros(bh, lq, w)
+    lse = torch.full((bh, lq, 1), float("inf"), device=q.device)
+    for i, q0, q1, row in tiles.rows():
+        if not row:
+            continue
+        q_t = q_tiles[i] * scale
+        row_max = torch.full((bh, q1 - q0, 1), float("-inf"), device=q.device)
+        acc = q_t.new_zeros(bh, q1 - q0, w + 1)
+        for j, masked in row:
+            s = tiles.scores(q_t, k_tiles[j], q0, q1, j, masked)
+            new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
+            # While a row has seen only masked keys its max is -inf; shifting by a finite
+            # number instead keeps exp() at exactly 0 without computing inf - inf.
+            shift = new_max.clamp(min=torch.finfo(torch.float32).min)
+            p = s.sub_(shift).exp_()
+            acc.mul_(torch.exp(row_max - shift)).baddbmm_(p, v_tiles[j])
+            row_max = new_max
+        row_sum = acc[..., w:]
+        seen = row_sum > 0
+        out[:, q0:q1] = acc[..., :w] / torch.where(seen, row_sum, 1.0)
+        lse[:, q0:q1] = torch.where(seen, row_max + row_sum.log(), float("inf"))
+    return out, lse
+
+
+def tiled_backward(tiles: Tiles, q, k, v, grad_out, lse, delta, scale: float, need_dk=True, need_dv=True):
+    """(dq, dk, dv) over `tiles`, float32 (B*H, L, w), recomputing each tile's probabilities.
+
+    `lse` and `delta` = rowsum(dO * O) belong to the whole softmax, which may span more keys
+    than these tiles (`toroidal.ring` sums the pieces).
+    """
+    q_tiles, k_tiles, v_tiles, do_tiles = (tiles.split(t) for t in (q, k, v, grad_out))
+    lse_tiles, delta_tiles = tiles.split(lse), tiles.split(delta)
+    dq = torch.zeros_like(q)
+    dk_tiles = [torch.zeros_like(t) for t in k_tiles]
+    dv_tiles = [torch.zeros_like(t) for t in v_tiles]
+    for i, q0, q1, row in tiles.rows():
+        q_t, do_t = q_tiles[i] * scale, do_tiles[i]
+        dq_t = torch.zeros_like(q_t)
+        for j, masked in row:
+            p = tiles.scores(q_t, k_tiles[j], q0, q1, j, masked).sub_(lse_tiles[i]).exp_()
+            if need_dv:
+                dv_tiles[j].baddbmm_(p.transpose(-1, -2), do_t)
+            ds = torch.bmm(do_t, v_tiles[j].transpose(-1, -2)).sub_(delta_tiles[i]).mul_(p)  # P*(dP-D)
+            dq_t.baddbmm_(ds, k_tiles[j], alpha=scale)
+            if need_dk:
+                dk_tiles[j].baddbmm_(ds.transpose(-1, -2), q_t)  # q_t already carries the scale
+        dq[:, q0:q1] = dq_t
+    return dq, torch.cat(dk_tiles, dim=1), torch.cat(dv_tiles, dim=1)
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, geometry, key_padding, scale, tile):
         b, h, lq, w = q.shape
-        tiles = _Tiles(geometry, key_padding, tile, lq, k.shape[-2], b, q.device)
+        tiles = Tiles(geometry, key_padding, tile, lq, k.shape[-2], b, q.device)
         # Float32 math on (B*H, L, w): one batched matmul per tile covers every head.
-        q_tiles, k_tiles = (tiles.split(t.reshape(b * h, -1, w).float()) for t in (q, k))
-        # A column of ones after v makes p @ v also return the row sums of p.
-        v_tiles = tiles.split(F.pad(v.reshape(b * h, -1, w).float(), (0, 1), value=1.0))
-        out = q.new_zeros(b * h, lq, w, dtype=torch.float32)
-        # Rows that see nothing keep lse = +inf, so recomputed probabilities are exactly 0.
-        lse = torch.full((b * h, lq, 1), float("inf"), device=q.device)
-        for i, q0, q1, row in tiles.rows():
-            if not row:
-                continue
-            q_t = q_tiles[i] * scale
-            row_max = torch.full((b * h, q1 - q0, 1), float("-inf"), device=q.device)
-            acc = q_t.new_zeros(b * h, q1 - q0, w + 1)
-            for j, masked in row:
-                s = tiles.scores(q_t, k_tiles[j], q0, q1, j, masked)
-                new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                # While a row has seen only masked keys its max is -inf; shifting by a finite
-                # number instead keeps exp() at exactly 0 without computing inf - inf.
-                shift = new_max.clamp(min=torch.finfo(torch.float32).min)
-                p = s.sub_(shift).exp_()
-                acc.mul_(torch.exp(row_max - shift)).baddbmm_(p, v_tiles[j])
-                row_max = new_max
-            row_sum = acc[..., w:]
-            seen = row_sum > 0
-            out[:, q0:q1] = acc[..., :w] / torch.where(seen, row_sum, 1.0)
-            lse[:, q0:q1] = torch.where(seen, row_max + row_sum.log(), float("inf"))
+        qf, kf, vf = (t.reshape(b * h, -1, w).float() for t in (q, k, v))
+        out, lse = tiled_forward(tiles, qf, kf, vf, scale)
         out = out.view(b, h, lq, w).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.scale = tiles, scale  # the plan is reused by the backward pass
@@ -159,29 +196,10 @@ class _BlockwiseAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         b, h, lq, w = q.shape
-        scale = ctx.scale
         _, need_dk, need_dv = ctx.needs_input_grad[:3]
-        tiles = ctx.tiles
         qf, kf, vf, of, dof = (t.reshape(b * h, -1, w).float() for t in (q, k, v, out, grad_out))
-        q_tiles, k_tiles, v_tiles, do_tiles = (tiles.split(t) for t in (qf, kf, vf, dof))
-        lse_tiles = tiles.split(lse)
-        delta_tiles = tiles.split((dof * of).sum(-1, keepdim=True))  # D_i = rowsum(dO * O)
-        dq = torch.zeros_like(qf)
-        dk_tiles = [torch.zeros_like(t) for t in k_tiles]
-        dv_tiles = [torch.zeros_like(t) for t in v_tiles]
-        for i, q0, q1, row in tiles.rows():
-            q_t, do_t = q_tiles[i] * scale, do_tiles[i]
-            dq_t = torch.zeros_like(q_t)
-            for j, masked in row:
-                p = tiles.scores(q_t, k_tiles[j], q0, q1, j, masked).sub_(lse_tiles[i]).exp_()
-                if need_dv:
-                    dv_tiles[j].baddbmm_(p.transpose(-1, -2), do_t)
-                ds = torch.bmm(do_t, v_tiles[j].transpose(-1, -2)).sub_(delta_tiles[i]).mul_(p)  # P*(dP-D)
-                dq_t.baddbmm_(ds, k_tiles[j], alpha=scale)
-                if need_dk:
-                    dk_tiles[j].baddbmm_(ds.transpose(-1, -2), q_t)  # q_t already carries the scale
-            dq[:, q0:q1] = dq_t
-        dk, dv = torch.cat(dk_tiles, dim=1), torch.cat(dv_tiles, dim=1)
+        delta = (dof * of).sum(-1, keepdim=True)  # D_i = rowsum(dO * O)
+        dq, dk, dv = tiled_backward(ctx.tiles, qf, kf, vf, dof, lse, delta, ctx.scale, need_dk, need_dv)
         grads = (g.view(b, h, -1, w).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
         return (*grads, None, None, None, None)
 
@@ -192,6 +210,10 @@ class BlockwiseBackend(Backend):
 
     def __init__(self, tile: int = DEFAULT_TILE) -> None:
         self.tile = tile
+
+    def with_tile(self, tile: int) -> BlockwiseBackend:
+        """This backend with another tile size (what a tuning table measured fastest)."""
+        return BlockwiseBackend(tile)
 
     def unavailable_reason(self, request):
         if request.need_weights:

@@ -1,7 +1,9 @@
-"""Choosing a backend: explicit names are checked, `auto` takes the first valid one in preference order."""
+"""Choosing a backend: explicit names are checked; `auto` takes a tuning table's measured choice
+(`toroidal.tuning`) where one covers the call, else the first valid one in preference order."""
 
 from __future__ import annotations
 
+from toroidal import tuning
 from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
 
 # Fastest first, per device type, for large calls; see `_auto_order` for size rules.
@@ -41,6 +43,9 @@ def _auto_order(request: KernelRequest) -> list[str]:
 def resolve_backend(name: str, request: KernelRequest) -> Backend:
     """The backend named `name` (or chosen by `auto`), checked against `request`."""
     if name == "auto":
+        tuned = tuning.tuned_backend(request)  # `toroidal bench --tune` measured it, where a table says
+        if tuned is not None:
+            return tuned
         for candidate in _auto_order(request):
             backend = get_backend(candidate)
             if backend.unavailable_reason(request) is None:

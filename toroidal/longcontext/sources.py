@@ -7,6 +7,11 @@
 A checkpoint trained with toroidal attention keeps its structure (depth, fusion, layers: its
 fusion weights depend on them); the runtime options lambda, period, window and backend may be
 changed. Any other model gets toroidal attention with the given options (defaults below).
+
+`mechanism` picks another registered mechanism (`toroidal.mechanisms`): `standard` is the
+baseline, `toroidal` the above, any other runs its kernel in the chosen layers with the torus
+options it accepts and `mechanism_options`. A checkpoint trained with such a mechanism runs it
+as trained (or the host attention with attention='baseline').
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from toroidal.integrations.transformers import (
     remove_toroidal,
     toroidal_layers,
 )
+from toroidal.mechanisms.hf import remove_mechanism
 from toroidal.training.errors import SetupError
+from toroidal.training.mechanism import add_mechanism, kernel_options, resolve_mechanism
 from toroidal.training.models import (
     add_toroidal,
     build_model,
@@ -68,12 +75,19 @@ class ModelSpec:
     tokenizer: str = "auto"  # with pretrained: bytes, model or auto (bytes for presets)
     seed: int = 0  # a preset's random initialization
     max_len: int | None = None  # ring period when none is given; None: the model's positions
+    mechanism: str | None = None  # a registered mechanism; None: as `attention` says
+    mechanism_options: dict = field(default_factory=dict)  # options of a mechanism other than toroidal
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.pretrained is None):
             raise SetupError("give either a checkpoint or a model", "use --checkpoint DIR or --model NAME")
         if self.attention not in ATTENTIONS:
             raise SetupError(f"attention {self.attention!r}: must be one of {', '.join(ATTENTIONS)}")
+        if self.mechanism is not None:  # standard and toroidal are what attention says already
+            name = resolve_mechanism(None if self.attention == "auto" else self.attention, self.mechanism)
+            if name in ("standard", "toroidal"):
+                object.__setattr__(self, "attention", "baseline" if name == "standard" else "toroidal")
+                object.__setattr__(self, "mechanism", None)
 
     def given(self, names) -> dict:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -83,7 +97,7 @@ class ModelSpec:
 class LoadedModel:
     model: nn.Module
     tokenizer: object  # a toroidal tokenizer (tokenization.py): bytes, bpe or the model's own
-    attention: str  # toroidal | baseline
+    attention: str  # toroidal | baseline | another mechanism's name
     toroidal: ToroidalConfig | None
     layers: list[int]
     source: dict = field(default_factory=dict)
@@ -94,7 +108,8 @@ class LoadedModel:
             **self.source,
             "attention": self.attention,
             "toroidal": self.toroidal.to_dict() if self.toroidal is not None else None,
-            "toroidal_layers": self.layers,
+            "toroidal_layers": self.layers if self.toroidal is not None else [],
+            "mechanism_layers": self.layers,
             "tokenizer": self.tokenizer.kind,
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
@@ -149,9 +164,34 @@ def _retune(model: nn.Module, trained: ToroidalConfig, layers: list[int], spec: 
     return config
 
 
+def _other_mechanism(model, tokenizer, spec: ModelSpec, max_len: int, source: dict) -> LoadedModel:
+    """The model running `spec.mechanism` (neither standard nor toroidal) in `spec.layers`."""
+    torus = {**TOROIDAL_DEFAULTS, **spec.given((*RUNTIME_OPTIONS, "depth", "fusion", "fusion_rank"))}
+    options = kernel_options(spec.mechanism, torus, spec.mechanism_options, max_len)
+    layers = add_mechanism(model, spec.mechanism, options, check_layers(model, spec.layers))
+    return LoadedModel(model.eval(), tokenizer, spec.mechanism, None, layers, {**source, "options": options})
+
+
+def _from_trained_mechanism(run, spec: ModelSpec, source: dict) -> LoadedModel:
+    """A checkpoint trained with a mechanism other than standard and toroidal (or a toroidal one asked
+    to run another): as trained, or baseline."""
+    if spec.attention == "baseline":
+        remove_mechanism(run.model)
+        return LoadedModel(run.model, run.tokenizer, "baseline", None, [], source)
+    if spec.attention == "toroidal" or spec.mechanism not in (None, run.mechanism):
+        raise SetupError(
+            f"checkpoint {spec.checkpoint} was trained with mechanism {run.mechanism!r}",
+            "evaluate it as trained, or with attention=baseline",
+        )
+    source = {**source, "options": run.mechanism_options}
+    return LoadedModel(run.model, run.tokenizer, run.mechanism, None, run.layers or [], source)
+
+
 def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
     run = load_run(spec.checkpoint)
     model, source = run.model, {"checkpoint": str(spec.checkpoint), "trained_attention": run.config.attention}
+    if run.mechanism not in ("toroidal", "standard") or (run.toroidal is not None and spec.mechanism):
+        return _from_trained_mechanism(run, spec, source)
     if run.toroidal is not None:
         if spec.attention == "baseline":
             remove_toroidal(model)
@@ -165,6 +205,8 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
             )
         config = _retune(model, run.toroidal, run.layers, spec)
         return LoadedModel(model, run.tokenizer, "toroidal", config, toroidal_layers(model), source)
+    if spec.mechanism is not None:
+        return _other_mechanism(model, run.tokenizer, spec, run.config.seq_len, source)
     if spec.attention != "toroidal":
         return LoadedModel(model, run.tokenizer, "baseline", None, [], source)
     config = _toroidal_config(spec, run.config.seq_len)
@@ -179,6 +221,8 @@ def _from_pretrained(spec: ModelSpec) -> LoadedModel:
     if spec.attention == "baseline":
         return LoadedModel(model.eval(), tokenizer, "baseline", None, [], described)
     max_len = spec.max_len or max_positions(model.config) or DEFAULT_MAX_LEN
+    if spec.mechanism is not None:
+        return _other_mechanism(model, tokenizer, spec, max_len, described)
     config = _toroidal_config(spec, max_len)
     layers = add_toroidal(model, config, check_layers(model, spec.layers))
     return LoadedModel(model.eval(), tokenizer, "toroidal", config, layers, described)

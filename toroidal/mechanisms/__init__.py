@@ -26,6 +26,9 @@ from torch import nn
 
 from toroidal.mechanisms.base import KernelModule, MechanismAttention, check_options
 from toroidal.mechanisms.builtin import TOROIDAL_OPTIONS, StandardKernel, ToroidalKernel
+from toroidal.mechanisms.hf import apply_mechanism, mechanism_metrics, remove_mechanism
+from toroidal.mechanisms.hyperbolic import HYPERBOLIC_OPTIONS, HyperbolicKernel
+from toroidal.mechanisms.tiled import TILED_OPTIONS, TiledKernel
 
 
 @dataclass(frozen=True)
@@ -91,15 +94,39 @@ register_mechanism(
         accepts=TOROIDAL_OPTIONS,
     )
 )
+register_mechanism(
+    Mechanism(
+        "tiled",
+        "adaptive tiles of the torus: the top `budget` key tiles exact, the others pooled",
+        TiledKernel,
+        accepts=TILED_OPTIONS,
+        approximates="toroidal",
+    )
+)
+register_mechanism(
+    Mechanism(
+        "hyperbolic",
+        "attention on the Poincaré ball: scores -beta * geodesic distance, values at their gyromidpoint",
+        HyperbolicKernel,
+        accepts=HYPERBOLIC_OPTIONS,
+    )
+)
 
 __all__ = [
     "KernelModule",
     "Mechanism",
     "MechanismAttention",
+    "apply_mechanism",
     "build_attention",
     "build_kernel",
     "check_options",
     "get_mechanism",
+    "mechanism_metrics",
     "mechanism_names",
     "register_mechanism",
+    "remove_mechanism",
 ]
+
+# Mechanisms that live in their own modules register themselves on import (they import this package).
+import toroidal.adaptive  # noqa: E402, F401
+import toroidal.fft  # noqa: E402, F401

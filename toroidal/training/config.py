@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
+from toroidal.adaptive import adaptive_run
 from toroidal.training.data import DataOptions, parse_dataset_spec
 from toroidal.training.errors import SetupError
+from toroidal.training.mechanism import (
+    attention_label,
+    check_mechanism_options,
+    kernel_options,
+    resolve_mechanism,
+)
 from toroidal.training.tokenization import parse_tokenizer_spec
 
-ATTENTIONS = ("toroidal", "baseline")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGERS = ("csv", "tensorboard", "wandb")
 DEFAULT_STEPS = 200
@@ -21,7 +27,11 @@ RESUMABLE_CHANGES = ("save_every", "log", "device")
 class TrainConfig:
     # model
     model: str = "tiny"
-    attention: str = "toroidal"
+    attention: str | None = None  # the old name of `mechanism`: toroidal or baseline (= standard)
+    mechanism: str | None = None  # a registered mechanism; None: from `attention`, else toroidal
+    mechanism_options: dict = field(default_factory=dict)  # options of a mechanism other than toroidal
+    adaptive_depth: bool = False  # the `adaptive` mechanism (toroidal.adaptive): a learned depth
+    min_depth: int | None = None  # its fewest platters (None: 1); sets its min_depth option
     depth: int = 2
     lambda_distance: float = 0.1
     period: int | None = None  # None: the ring is the training context (P = seq_len)
@@ -59,6 +69,16 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.adaptive_depth:
+            try:
+                self.mechanism, self.mechanism_options = adaptive_run(
+                    self.mechanism, self.mechanism_options, self.min_depth
+                )
+            except ValueError as error:
+                fix = "set the mechanism and min_depth once (--adaptive-depth means --mechanism adaptive)"
+                raise SetupError(f"--adaptive-depth: {error}", fix) from None
+        self.mechanism = resolve_mechanism(self.attention, self.mechanism)
+        self.attention = attention_label(self.mechanism)
         self.validate()
 
     def validate(self) -> None:
@@ -69,11 +89,12 @@ class TrainConfig:
         parse_dataset_spec(self.dataset)
         parse_tokenizer_spec(self.tokenizer)
         need(
-            self.attention in ATTENTIONS,
-            "attention",
-            self.attention,
-            f"must be one of {', '.join(ATTENTIONS)}",
+            isinstance(self.mechanism_options, dict),
+            "mechanism_options",
+            self.mechanism_options,
+            "must be a mapping of option names to values",
         )
+        check_mechanism_options(self.mechanism, self.mechanism_options)
         need(
             self.precision in PRECISIONS,
             "precision",
@@ -84,6 +105,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "data_period", "data_vocab"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.passkey_digits >= 1, "passkey_digits", self.passkey_digits, "must be >= 1")
+        adaptive = self.min_depth is None or self.adaptive_depth
+        need(adaptive, "min_depth", self.min_depth, "needs --adaptive-depth")
         for name in ("warmup_steps", "eval_every", "save_every"):
             need(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         need(
@@ -125,6 +148,10 @@ class TrainConfig:
     def toroidal_options(self) -> dict:
         keys = ("depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend")
         return {key: getattr(self, key) for key in keys}
+
+    def kernel_options(self) -> dict:
+        """The options of a mechanism other than toroidal (see `toroidal.training.mechanism`)."""
+        return kernel_options(self.mechanism, self.toroidal_options(), self.mechanism_options, self.seq_len)
 
     def to_dict(self) -> dict:
         return asdict(self)

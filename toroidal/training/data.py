@@ -6,6 +6,7 @@ Specs (the `--dataset` option):
     sinusoidal          sums of 1-3 random sines quantized to `data_vocab` levels
     passkey             a random number hidden in filler text, asked for at the end
     text:PATH           a local text file (train: first 90%, validation: last 10%; eval: all of it)
+    code:DIR[:EXT,...]  the source files of a local repository, split by file (eval: the held-out files)
     wikitext2           WikiText-2 (raw) from the Hugging Face hub
     hf:NAME[:CONFIG]    any hub dataset with a text column
 
@@ -31,23 +32,26 @@ VALIDATION_FRACTION = 0.1
 OFFLINE_TEXT_FIX = (
     "offline, use --dataset text:PATH with a local file (e.g. text:../shared/data/wikitext-2/valid.txt)"
 )
-SPEC_HELP = "use periodic, sinusoidal, passkey, text:PATH, wikitext2 or hf:NAME[:CONFIG]"
+SPEC_HELP = "use periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2 or hf:NAME[:CONFIG]"
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # periodic | sinusoidal | passkey | text | hf
-    path: str | None = None  # text
+    kind: str  # periodic | sinusoidal | passkey | text | code | hf
+    path: str | None = None  # text, code
     name: str | None = None  # hf
     config: str | None = None  # hf
+    extensions: tuple[str, ...] | None = None  # code: None means code_data.DEFAULT_EXTENSIONS
 
     @property
     def is_text(self) -> bool:
-        return self.kind in ("text", "hf")
+        return self.kind in ("text", "code", "hf")
 
     def __str__(self) -> str:
         if self.kind == "text":
             return f"text:{self.path}"
+        if self.kind == "code":
+            return f"code:{self.path}" + (f":{','.join(self.extensions)}" if self.extensions else "")
         if self.kind == "hf":
             return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
         return self.kind
@@ -63,6 +67,11 @@ def parse_dataset_spec(spec: str) -> DataSpec:
         return DataSpec("hf", name="wikitext", config="wikitext-2-raw-v1")
     if kind == "text" and rest:
         return DataSpec("text", path=rest)
+    if kind == "code" and rest:
+        from toroidal.training.code_data import parse_code_spec
+
+        path, extensions = parse_code_spec(rest)
+        return DataSpec("code", path=path, extensions=extensions)
     if kind == "hf" and rest:
         name, _, config = rest.partition(":")
         if name:
@@ -268,6 +277,10 @@ def load_train_texts(spec: DataSpec) -> dict[str, str]:
     if spec.kind == "text":
         train, validation = split_text(read_text_file(spec.path))
         return {"train": train, "validation": validation}
+    if spec.kind == "code":
+        from toroidal.training.code_data import load_code_texts
+
+        return load_code_texts(spec.path, spec.extensions)
     texts = _hub_texts(spec)
     train = _pick(texts, ("train",)) or next(iter(texts.values()))
     validation = _pick(texts, ("validation", "valid", "test"))
@@ -277,9 +290,12 @@ def load_train_texts(spec: DataSpec) -> dict[str, str]:
 
 
 def load_eval_text(spec: DataSpec) -> str:
-    """The evaluation text: the whole file for text:PATH, the test (else validation) split of a hub set."""
+    """The evaluation text: the whole file for text:PATH, the held-out files for code:DIR, the test
+    (else validation) split of a hub set."""
     if spec.kind == "text":
         return read_text_file(spec.path)
+    if spec.kind == "code":
+        return load_train_texts(spec)["validation"]
     texts = _hub_texts(spec)
     return _pick(texts, ("test", "validation", "valid")) or split_text(texts["train"])[1]
 

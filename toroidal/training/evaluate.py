@@ -4,12 +4,14 @@
     result.metrics  # loss, perplexity, bits_per_token, bits_per_byte, tokens_per_s, peak_memory_mb, ...
 
 The evaluation set: the `test` stream of synthetic datasets (never seen in training), the
-whole file for text:PATH, the test (else validation) split of a hub dataset.
+whole file for text:PATH, the test (else validation) split of a hub dataset. With
+`streaming=True` the metrics also hold `streaming_<metric>`: the same samples scored token
+by token on constant-size states (`toroidal.training.streaming_eval`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -17,6 +19,15 @@ from toroidal.training.data import DataOptions, load_eval_text, make_dataset, pa
 from toroidal.training.distributed import DistInfo
 from toroidal.training.errors import SetupError
 from toroidal.training.loop import resolve_device
+from toroidal.training.mechanism import (
+    add_mechanism,
+    attention_label,
+    check_mechanism_options,
+    kernel_options,
+    mechanism_record,
+    reset_mechanism_metrics,
+    resolve_mechanism,
+)
 from toroidal.training.metrics import Precision, evaluate_lm, peak_memory_mb
 from toroidal.training.models import (
     add_toroidal,
@@ -27,6 +38,11 @@ from toroidal.training.models import (
     source_and_tokenizer,
 )
 from toroidal.training.runs import load_run, read_train_config
+from toroidal.training.streaming_eval import (
+    check_streaming_model,
+    check_streaming_options,
+    streaming_metrics,
+)
 
 # Options a checkpoint's own training run supplies unless given.
 RUN_DEFAULTS = ("dataset", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size", "seed")
@@ -36,7 +52,9 @@ RUN_DEFAULTS = ("dataset", "data_period", "data_vocab", "passkey_digits", "seq_l
 class EvalConfig:
     checkpoint: str | None = None  # a `toroidal train` output folder
     model: str | None = None  # otherwise: a preset, model folder or hub name
-    attention: str = "baseline"
+    attention: str | None = None  # the old name of `mechanism`: toroidal or baseline (= standard)
+    mechanism: str | None = None  # with model: a registered mechanism; None: from attention, else standard
+    mechanism_options: dict = field(default_factory=dict)  # options of a mechanism other than toroidal
     depth: int = 2
     lambda_distance: float = 0.1
     period: int | None = None
@@ -56,18 +74,24 @@ class EvalConfig:
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
+    streaming: bool = False  # also score token by token on LatentKV states (toroidal.training.streaming_eval)
+    latent_size: int = 64
+    update: str = "linear"
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.model is None):
             raise SetupError("give either a checkpoint or a model", "use --checkpoint DIR or --model NAME")
-        if self.attention not in ("toroidal", "baseline"):
-            raise SetupError(f"--attention {self.attention}: must be toroidal or baseline")
+        self.mechanism = resolve_mechanism(self.attention, self.mechanism, default="standard")
+        self.attention = attention_label(self.mechanism)
+        check_mechanism_options(self.mechanism, self.mechanism_options)
         parse_dataset_spec(self.dataset)
         for name in ("seq_len", "batch_size", "data_period", "data_vocab", "passkey_digits"):
             if getattr(self, name) < 1:
                 raise SetupError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.max_batches is not None and self.max_batches < 1:
             raise SetupError(f"--max-batches {self.max_batches}: must be >= 1")
+        if self.streaming:
+            check_streaming_options(self.latent_size, self.update)
 
     def data_options(self) -> DataOptions:
         return DataOptions(self.seq_len, self.data_period, self.data_vocab, self.passkey_digits, self.seed)
@@ -82,6 +106,7 @@ class EvalResult:
     config: dict  # the resolved configuration (for the result record)
     metrics: dict
     device: torch.device
+    mechanism: dict | None = None  # name, options, layers and kernel metrics (mechanism_record)
 
 
 def run_defaults(checkpoint: str) -> dict:
@@ -91,20 +116,24 @@ def run_defaults(checkpoint: str) -> dict:
 
 
 def _model_and_tokenizer(config: EvalConfig):
-    """(model, tokenizer, attention, toroidal config or None, toroidal layers)."""
+    """(model, tokenizer, mechanism, toroidal config or None, mechanism layers, other kernel options)."""
     if config.checkpoint is not None:
         run = load_run(config.checkpoint)
-        return run.model, run.tokenizer, run.config.attention, run.toroidal, run.layers or []
+        return run.model, run.tokenizer, run.mechanism, run.toroidal, run.layers or [], run.mechanism_options
     source, tokenizer = source_and_tokenizer(config.model, config.tokenizer)
     model = build_model(source, tokenizer, config.seq_len, config.seed)
     layers = check_layers(model, config.layers)
-    toroidal = None
-    if config.attention == "toroidal":
-        options = {key: getattr(config, key) for key in ("depth", "lambda_distance", "period", "window")}
-        options.update(fusion=config.fusion, fusion_rank=config.fusion_rank, backend=config.backend)
+    toroidal = kernel = None
+    options = {key: getattr(config, key) for key in ("depth", "lambda_distance", "period", "window")}
+    options.update(fusion=config.fusion, fusion_rank=config.fusion_rank, backend=config.backend)
+    if config.mechanism == "toroidal":
         toroidal = make_toroidal_config(options, config.seq_len)
         layers = add_toroidal(model, toroidal, layers)
-    return model.eval(), tokenizer, config.attention, toroidal, layers if toroidal is not None else []
+    elif config.mechanism != "standard":
+        kernel = kernel_options(config.mechanism, options, config.mechanism_options, config.seq_len)
+        layers = add_mechanism(model, config.mechanism, kernel, layers)
+    layers = layers if config.mechanism != "standard" else []
+    return model.eval(), tokenizer, config.mechanism, toroidal, layers, kernel
 
 
 def evaluate(config: EvalConfig, progress=None) -> EvalResult:
@@ -114,7 +143,9 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
         raise SetupError(f"--precision {config.precision} needs a CUDA device", "use --precision fp32 on CPU")
     spec = parse_dataset_spec(config.dataset)
     text = load_eval_text(spec) if spec.is_text else None  # before the model: fail fast on a bad path
-    model, tokenizer, attention, toroidal, layers = _model_and_tokenizer(config)
+    model, tokenizer, mechanism, toroidal, layers, kernel = _model_and_tokenizer(config)
+    if config.streaming:
+        check_streaming_model(model)  # before the work, not after it
     limit = max_positions(model.config)
     if limit is not None and config.seq_len > limit:
         raise SetupError(f"the model has {limit} positions, fewer than --seq-len {config.seq_len}")
@@ -122,6 +153,7 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
+    reset_mechanism_metrics(model)
     metrics = evaluate_lm(
         model,
         dataset,
@@ -131,14 +163,33 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
         precision=Precision(config.precision),
         progress=progress,
     )
+    options = toroidal.to_dict() if toroidal is not None else kernel
+    mechanism_summary = mechanism_record(model, mechanism, options, layers)  # measured over evaluate_lm
+    if config.streaming:
+        streamed = streaming_metrics(
+            model,
+            dataset,
+            latent_size=config.latent_size,
+            update=config.update,
+            seed=config.seed,
+            progress=progress,
+            batch_size=config.batch_size,
+            max_batches=config.max_batches,
+            device=device,
+            precision=Precision(config.precision),
+        )
+        metrics.update(streamed)
     metrics["peak_memory_mb"], metrics["memory_kind"] = peak_memory_mb(device)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     resolved = {
         **asdict(config),
-        "attention": attention,
+        "attention": attention_label(mechanism),
+        "mechanism": mechanism,
+        "mechanism_kernel_options": kernel,
+        "mechanism_layers": layers,
         "toroidal": toroidal.to_dict() if toroidal is not None else None,
-        "toroidal_layers": layers,
+        "toroidal_layers": layers if toroidal is not None else [],
         "tokenizer": tokenizer.kind,
         "device": str(device),
     }
-    return EvalResult(resolved, metrics, device)
+    return EvalResult(resolved, metrics, device, mechanism_summary)

@@ -6,8 +6,11 @@ message; one quick connection probe lets a run fail at once with one clear line 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 from toroidal.training.errors import SetupError
@@ -34,3 +37,22 @@ def require_hub(what: str, offline_fix: str) -> None:
     reason = hub_unreachable_reason()
     if reason is not None:
         raise SetupError(f"{what} needs the Hugging Face hub, which is not reachable ({reason})", offline_fix)
+
+
+# Python code shipped with a hub model runs only when the user asked for it (--trust-remote-code).
+_REMOTE_CODE = contextvars.ContextVar("toroidal_trust_remote_code", default=False)
+
+
+def trust_remote_code() -> bool:
+    """Whether transformers may run code from a model's repository (off unless `remote_code_trusted`)."""
+    return _REMOTE_CODE.get()
+
+
+@contextlib.contextmanager
+def remote_code_trusted(allowed: bool = True) -> Iterator[None]:
+    """Within the block, models and tokenizers load with `trust_remote_code=allowed`."""
+    token = _REMOTE_CODE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)

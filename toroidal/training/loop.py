@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from toroidal.adaptive import adaptive_metrics, auxiliary_loss, reset_adaptive_metrics
 from toroidal.devices import DeviceError, parse_device
 from toroidal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toroidal.training.config import TrainConfig
@@ -36,6 +37,7 @@ from toroidal.training.data import (
 from toroidal.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from toroidal.training.errors import SetupError
 from toroidal.training.loggers import check_logger, open_logger
+from toroidal.training.mechanism import add_mechanism, mechanism_record, reset_mechanism_metrics
 from toroidal.training.metrics import Precision, evaluate_lm, token_losses
 from toroidal.training.models import (
     add_toroidal,
@@ -50,6 +52,7 @@ from toroidal.training.runs import (
     TRAIN_CONFIG,
     holds_run,
     read_train_config,
+    save_mechanism,
     save_model,
     save_tokenizer,
     save_toroidal,
@@ -81,6 +84,7 @@ class TrainResult:
     run_dir: Path
     is_main: bool  # rank 0: the process that writes files and renders
     device: torch.device
+    stopped: bool = False  # `should_stop` ended the run early: its last checkpoint is where to resume
 
 
 # --- pieces -----------------------------------------------------------------------------------------
@@ -178,14 +182,15 @@ class _Setup:
     params: int
     trainable: int
     tokenizer_kind: str
+    mechanism_options: dict | None = None  # the built options of a mechanism other than toroidal/standard
 
 
 def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> _Setup:
     spec = parse_dataset_spec(config.dataset)
     source = resolve_model(config.model)
-    if config.attention == "baseline" and config.layers is not None and not config.freeze_base:
+    if config.mechanism == "standard" and config.layers is not None and not config.freeze_base:
         raise SetupError(
-            "--layers has no effect with --attention baseline", "add --freeze-base, or drop --layers"
+            "--layers has no effect with --mechanism standard", "add --freeze-base, or drop --layers"
         )
     kind, vocab = parse_tokenizer_spec(config.tokenizer)
     if kind == "auto":
@@ -201,10 +206,13 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
 
     model = build_model(source, tokenizer, config.seq_len, config.seed)
     layers = check_layers(model, config.layers)
-    toroidal = None
-    if config.attention == "toroidal":
+    toroidal, kernel_options = None, None
+    if config.mechanism == "toroidal":
         toroidal = make_toroidal_config(config.toroidal_options(), config.seq_len)
         layers = add_toroidal(model, toroidal, layers)
+    elif config.mechanism != "standard":
+        kernel_options = config.kernel_options()
+        layers = add_mechanism(model, config.mechanism, kernel_options, layers)
     trainable = freeze_base(model, layers) if config.freeze_base else None
     params = sum(p.numel() for p in model.parameters())
     if config.grad_checkpointing:
@@ -218,7 +226,10 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return _Setup(model, tokenizer, train_set, val_set, toroidal, layers, params, trainable or params, kind)
+    return _Setup(
+        model, tokenizer, train_set, val_set, toroidal, layers, params, trainable or params, kind,
+        mechanism_options=kernel_options,
+    )  # fmt: skip
 
 
 def _write_run_files(run_dir: Path, config: TrainConfig, setup: _Setup, resolved: dict) -> None:
@@ -227,6 +238,8 @@ def _write_run_files(run_dir: Path, config: TrainConfig, setup: _Setup, resolved
         save_tokenizer(setup.tokenizer, run_dir)
     if setup.toroidal is not None:
         save_toroidal(run_dir, setup.toroidal, setup.layers)
+    if setup.mechanism_options is not None:
+        save_mechanism(run_dir, config.mechanism, setup.mechanism_options, setup.layers)
     write_json(run_dir / TRAIN_CONFIG, {"config": config.to_dict(), "resolved": resolved})
 
 
@@ -249,9 +262,11 @@ def _train_step(
         last = micro == config.grad_accum - 1
         # DDP averages gradients on the last micro-batch only.
         with model.no_sync() if dist.active and not last else contextlib.nullcontext():
+            auxiliary_loss(model)  # drop penalties of recomputed forwards (gradient checkpointing)
             losses, _ = token_losses(model, ids, precision, device)
             loss = losses.mean()
-            scaler.scale(loss / config.grad_accum).backward()
+            penalty = auxiliary_loss(model)  # adaptive depth's compute penalty (None without one)
+            scaler.scale((loss if penalty is None else loss + penalty) / config.grad_accum).backward()
         total += loss.detach()
     grad_norm = None
     if config.clip > 0:
@@ -287,8 +302,12 @@ def train(
     *,
     resume: bool = False,
     progress: Callable[[ProgressEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train as `config` says into `run_dir` (resume its last checkpoint with `resume`)."""
+    """Train as `config` says into `run_dir` (resume its last checkpoint with `resume`).
+
+    `should_stop()` is asked before every step; True ends the run there with a checkpoint of
+    the steps done (the model folder is written only by a finished run)."""
     run_dir = Path(run_dir)
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     dist = init_distributed(wants_cuda)
@@ -296,12 +315,23 @@ def train(
     try:
         # The run reseeds torch at every step: fork the RNG so the caller's stream is left as it was.
         with torch.random.fork_rng(devices=devices):
-            return _train(config, run_dir, resume, progress if dist.is_main else None, dist)
+            return _train(config, run_dir, resume, progress if dist.is_main else None, dist, should_stop)
     finally:
         shutdown(dist)
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: DistInfo) -> TrainResult:
+def _stop_requested(should_stop, dist: DistInfo, device) -> bool:
+    """Whether to stop now, agreed by every rank (a signal may reach them at different steps)."""
+    wanted = should_stop is not None and bool(should_stop())
+    if not dist.active:
+        return wanted
+    (count,) = all_reduce_sum([float(wanted)], dist, device)
+    return count > 0
+
+
+def _train(
+    config: TrainConfig, run_dir: Path, resume: bool, progress, dist: DistInfo, should_stop=None
+) -> TrainResult:
     emit = progress or (lambda event: None)
     device = resolve_device(config.device, dist)
     if config.precision != "fp32" and device.type != "cuda":
@@ -321,6 +351,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: Dis
         "vocab_size": setup.tokenizer.vocab_size,
         "toroidal_layers": setup.layers if setup.toroidal is not None else [],
         "toroidal": setup.toroidal.to_dict() if setup.toroidal is not None else None,
+        "mechanism_layers": setup.layers if config.mechanism != "standard" else [],
+        "mechanism_kernel_options": setup.mechanism_options,
     }
     model = setup.model.to(device)
     model.train()
@@ -350,13 +382,18 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: Dis
     )
     emit(ProgressEvent("start", state["step"], total_steps, {"resumed_from": resumed_from}))
     started, tokens_before = time.perf_counter(), state["tokens"]
+    stopped = False
     try:
         while state["step"] < total_steps:
+            if _stop_requested(should_stop, dist, device):
+                stopped = True
+                break
             step = state["step"]
             lr = lr_at(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(_step_seed(config.seed, dist.rank, step))
+            reset_adaptive_metrics(model)  # the step's own depth choices (this rank's)
             loss, grad_norm = _train_step(
                 wrapped, setup, optimizer, scaler, config, step, dist, device, precision
             )
@@ -367,16 +404,21 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: Dis
                 "lr": lr,
                 "tokens": state["tokens"],
                 "grad_norm": grad_norm,
+                **adaptive_metrics(model),  # mean_depth, compute_saved with adaptive depth
             }
             state["history"].append(entry)
             seconds = time.perf_counter() - started
             speed = (state["tokens"] - tokens_before) / seconds if seconds > 0 else None
             emit(ProgressEvent("step", step + 1, total_steps, {**entry, "tokens_per_s": speed}))
             if logger is not None:
-                logger.log(step + 1, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed})
+                scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed}
+                scalars.update({f"train/{key}": value for key, value in adaptive_metrics(model).items()})
+                logger.log(step + 1, scalars)
 
             done = step + 1 == total_steps
             if done or (config.eval_every and (step + 1) % config.eval_every == 0):
+                if done:  # the mechanism's metrics of the run: those of its final validation pass
+                    reset_mechanism_metrics(model)
                 val = _validation(setup, config, device, precision, dist)
                 state["evals"].append({"step": step + 1, "tokens": state["tokens"], **val})
                 emit(ProgressEvent("eval", step + 1, total_steps, val))
@@ -394,13 +436,18 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress, dist: Dis
         if logger is not None:
             logger.close()
     state["elapsed"] += time.perf_counter() - started
-    if dist.is_main:
+    saved = config.save_every and state["step"] % config.save_every == 0
+    if dist.is_main and stopped and state["step"] > resumed_from and not saved:
+        state["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
+        path = save_checkpoint(run_dir, state["step"], model, optimizer, state)
+        emit(ProgressEvent("checkpoint", state["step"], total_steps, {"path": str(path)}))
+    if dist.is_main and not stopped:
         save_model(model, run_dir)
     barrier(dist)
 
     payload = _payload(state, setup, config, resolved, resumed_from)
     emit(ProgressEvent("done", state["step"], total_steps, payload["final"]))
-    return TrainResult({**config.to_dict(), **resolved}, payload, run_dir, dist.is_main, device)
+    return TrainResult({**config.to_dict(), **resolved}, payload, run_dir, dist.is_main, device, stopped)
 
 
 def _payload(state: dict, setup: _Setup, config: TrainConfig, resolved: dict, resumed_from: int) -> dict:
@@ -420,10 +467,17 @@ def _payload(state: dict, setup: _Setup, config: TrainConfig, resolved: dict, re
         "model": {
             "source": config.model,
             "attention": config.attention,
+            "mechanism": config.mechanism,
             "parameters": setup.params,
             "trainable_parameters": setup.trainable,
             "toroidal_layers": resolved["toroidal_layers"],
         },
+        "mechanism": mechanism_record(
+            setup.model,
+            config.mechanism,
+            resolved["toroidal"] or setup.mechanism_options,  # the options it was built with
+            resolved["mechanism_layers"],
+        ),
         "resumed_from_step": resumed_from,
         # Timings: the only fields that differ between two runs of the same command and seed.
         "timing": {

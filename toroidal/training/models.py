@@ -18,7 +18,7 @@ from torch import nn
 from toroidal.config import ToroidalConfig
 from toroidal.integrations.transformers import apply_toroidal, attention_modules, toroidal_layers
 from toroidal.training.errors import CheckpointError, SetupError
-from toroidal.training.hub import require_hub
+from toroidal.training.hub import require_hub, trust_remote_code
 from toroidal.training.tokenization import ByteTokenizer, load_model_tokenizer, parse_tokenizer_spec
 
 # A small Llama: 128 wide, 4 layers, grouped queries (4 heads, 2 key/value heads).
@@ -176,7 +176,7 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.M
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                source.name, attn_implementation="sdpa", trust_remote_code=False
+                source.name, attn_implementation="sdpa", trust_remote_code=trust_remote_code()
             )
     except Exception as error:  # missing files, unknown architecture, corrupt weights: one line each
         raise SetupError(
@@ -256,27 +256,35 @@ def _first_line(error: Exception) -> str:
 
 
 def load_checkpoint_model(
-    folder: Path, toroidal: ToroidalConfig | None, layers: list[int] | None
+    folder: Path,
+    toroidal: ToroidalConfig | None,
+    layers: list[int] | None,
+    mechanism: tuple[str, dict] | None = None,
 ) -> nn.Module:
     """A model saved by a run (`save_pretrained`), toroidal layers re-applied and fusion weights loaded.
 
-    Every weight must be in the file with its shape: transformers would silently
-    initialize missing ones at random, which is never what evaluating a checkpoint means.
+    `mechanism` (name, options): another mechanism's kernels, re-applied in `layers` with
+    their weights loaded. Every weight must be in the file with its shape: transformers would
+    silently initialize missing ones at random, which is never what evaluating a checkpoint means.
     """
     from transformers import AutoModelForCausalLM
 
     from toroidal.integrations.transformers import FUSION_ATTR, load_toroidal_weights
+    from toroidal.mechanisms.hf import KERNEL_ATTR, load_mechanism_weights
+    from toroidal.training.mechanism import add_mechanism
 
     try:
         with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
+                folder,
+                attn_implementation="sdpa",
+                trust_remote_code=trust_remote_code(),
+                output_loading_info=True,
             )
     except Exception as error:  # corrupt weights, unknown architecture, size mismatch
         raise CheckpointError(f"cannot load the model in {folder}: {_first_line(error)}") from None
-    unexpected = [
-        k for k in info.get("unexpected_keys", ()) if toroidal is None or f".{FUSION_ATTR}." not in k
-    ]
+    attached = FUSION_ATTR if toroidal is not None else KERNEL_ATTR if mechanism is not None else None
+    unexpected = [k for k in info.get("unexpected_keys", ()) if attached is None or f".{attached}." not in k]
     wrong = (
         sorted(info.get("missing_keys", ()))
         + sorted(unexpected)
@@ -293,6 +301,14 @@ def load_checkpoint_model(
             load_toroidal_weights(model, folder)
         except (ValueError, OSError) as error:
             raise CheckpointError(f"cannot load the toroidal weights in {folder}: {error}") from None
+        except Exception as error:  # safetensors raises its own type for corrupt files
+            raise CheckpointError(f"cannot read the weights in {folder}: {_first_line(error)}") from None
+    if mechanism is not None:
+        add_mechanism(model, *mechanism, layers)
+        try:
+            load_mechanism_weights(model, folder)
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"cannot load the mechanism weights in {folder}: {error}") from None
         except Exception as error:  # safetensors raises its own type for corrupt files
             raise CheckpointError(f"cannot read the weights in {folder}: {_first_line(error)}") from None
     return model.eval()

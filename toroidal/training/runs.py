@@ -2,6 +2,7 @@
 
     train_config.json   the run's options (TrainConfig) and what was derived from them
     toroidal.json       the ToroidalConfig and layers (toroidal runs only)
+    mechanism.json      name, options and layers of any other mechanism but standard
     model/              save_pretrained: config.json + model.safetensors (fusion parameters included)
     tokenizer/          the tokenizer (see tokenization.py)
     checkpoints/        training state for --resume (see checkpoint.py)
@@ -28,6 +29,7 @@ from toroidal.training.tokenization import load_tokenizer
 
 TRAIN_CONFIG = "train_config.json"
 TOROIDAL_CONFIG = "toroidal.json"
+MECHANISM_CONFIG = "mechanism.json"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 METRICS = "metrics.json"
@@ -98,6 +100,18 @@ def save_toroidal(run_dir: Path, config: ToroidalConfig, layers: list[int]) -> N
     write_json(Path(run_dir) / TOROIDAL_CONFIG, {"config": config.to_dict(), "layers": layers})
 
 
+def save_mechanism(run_dir: Path, name: str, options: dict, layers: list[int]) -> None:
+    write_json(Path(run_dir) / MECHANISM_CONFIG, {"mechanism": name, "options": options, "layers": layers})
+
+
+def read_mechanism(run_dir: Path) -> tuple[str, dict, list[int]]:
+    data = read_json(Path(run_dir) / MECHANISM_CONFIG, "--checkpoint")
+    try:
+        return str(data["mechanism"]), dict(data["options"]), list(data["layers"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{Path(run_dir) / MECHANISM_CONFIG} is corrupt: {error}") from None
+
+
 def read_train_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     """(the run's TrainConfig, the whole train_config.json)."""
     info = read_json(Path(run_dir) / TRAIN_CONFIG, "--checkpoint")
@@ -122,10 +136,12 @@ class TrainedRun:
     config: TrainConfig
     toroidal: ToroidalConfig | None
     layers: list[int] | None
+    mechanism: str = "toroidal"  # the run's mechanism (see toroidal.training.mechanism)
+    mechanism_options: dict | None = None  # options of a mechanism other than toroidal and standard
 
 
-def load_run(run_dir: str | Path) -> TrainedRun:
-    """The trained model of a run folder, toroidal layers and fusion weights restored, in eval mode."""
+def finished_run(run_dir: str | Path) -> tuple[TrainConfig, Path]:
+    """(the run's TrainConfig, its model folder) of a run folder whose training finished."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(
@@ -137,12 +153,23 @@ def load_run(run_dir: str | Path) -> TrainedRun:
             f"{run_dir} has no trained model ({MODEL_DIR}/ is missing: the run did not finish)",
             "resume it with `toroidal train --resume` or pick another folder",
         )
-    toroidal, layers = read_toroidal(run_dir) if config.attention == "toroidal" else (None, None)
+    return config, run_dir / MODEL_DIR
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """The trained model of a run folder, its mechanism's layers and weights restored, in eval mode."""
+    run_dir = Path(run_dir)
+    config, _ = finished_run(run_dir)
+    toroidal, layers = read_toroidal(run_dir) if config.mechanism == "toroidal" else (None, None)
+    kernel = None
+    if config.mechanism not in ("toroidal", "standard"):
+        name, options, layers = read_mechanism(run_dir)
+        kernel = (name, options)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers)
+    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers, kernel)
     vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > vocab:
         raise CheckpointError(
             f"{run_dir}: the tokenizer ({tokenizer.vocab_size} tokens) does not fit the model ({vocab})"
         )
-    return TrainedRun(model, tokenizer, config, toroidal, layers)
+    return TrainedRun(model, tokenizer, config, toroidal, layers, config.mechanism, kernel and kernel[1])

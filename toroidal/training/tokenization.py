@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.hub import trust_remote_code
 
 KIND_FILE = "toroidal_tokenizer.json"
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -151,7 +152,7 @@ def load_model_tokenizer(source: str, local_only: bool = False) -> ModelTokenize
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=False, local_files_only=local_only
+            source, trust_remote_code=trust_remote_code(), local_files_only=local_only
         )
     except (OSError, ValueError) as error:
         raise SetupError(

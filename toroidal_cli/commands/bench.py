@@ -13,11 +13,14 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from toroidal import tuning
 from toroidal.bench import KEY_FIELDS, BenchSweep, can_isolate, run_sweep
 from toroidal.kernels import backend_names
-from toroidal_cli import render
+from toroidal.mechanisms import mechanism_names
+from toroidal_cli import dryrun, render
 from toroidal_cli.commands import plot as plot_command
 from toroidal_cli.errors import UserError, as_user_error
+from toroidal_cli.memory_check import available, sweep_memory_line
 from toroidal_cli.options import (
     check_out_path,
     config_path,
@@ -32,6 +35,7 @@ from toroidal_cli.options import (
     split_items,
 )
 from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
+from toroidal_cli.signals import StopSignals
 
 HELP = (
     "Benchmark the backends: time, tokens/s, TFLOP/s and peak memory, against plain SDPA.\n\n"
@@ -57,8 +61,11 @@ AXES = (
     "window",
     "lambda",
     "period",
+    "mechanism",
+    "options",
+    "ring_world_size",
 )
-SETTINGS = ("device", "warmup", "repeats", "threads", "memory_budget_gb", "isolate")
+SETTINGS = ("device", "warmup", "repeats", "threads", "memory_budget_gb", "isolate", "paired")
 CONFIG_KEYS = AXES + SETTINGS
 
 ConfigOpt = Annotated[
@@ -75,7 +82,10 @@ HeadsOpt = Annotated[str | None, typer.Option("--heads", help="Number(s) of head
 DModelOpt = Annotated[str | None, typer.Option("--d-model", help="Model width(s); head dim = d_model / H.")]
 HeadDimOpt = Annotated[str | None, typer.Option("--head-dim", help="Head dim(s) e (instead of --d-model).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
-ModeOpt = Annotated[str | None, typer.Option("--mode", help="fwd (inference) or fwd+bwd (training step).")]
+ModeOpt = Annotated[
+    str | None,
+    typer.Option("--mode", help="fwd (inference), fwd+bwd (training step) or stream (one decoding step)."),
+]
 CausalOpt = Annotated[bool | None, typer.Option("--causal/--no-causal", help="Causal masking.")]
 WindowOpt = Annotated[str | None, typer.Option("--window", help="Circular window(s) (int) or none.")]
 LambdaOpt = Annotated[str | None, typer.Option("--lambda", help="Distance penalty lambda(s).")]
@@ -85,6 +95,17 @@ WarmupOpt = Annotated[str | None, typer.Option("--warmup", help="Untimed runs be
 RepeatsOpt = Annotated[str | None, typer.Option("--repeats", help="Timed runs per row.")]
 ThreadsOpt = Annotated[str | None, typer.Option("--threads", help="torch.set_num_threads (default: as is).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")]
+MechanismOpt = Annotated[
+    str | None,
+    typer.Option("--mechanism", "-m", help="Mechanism(s), e.g. standard,toroidal (toroidal uses --backend)."),
+]
+OptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        help="A mechanism option swept like an axis: NAME=V1,V2 (repeatable), e.g. --option budget=2,4.",
+    ),
+]
 
 _MODE_ALIASES = {
     "fwd": "fwd",
@@ -92,6 +113,7 @@ _MODE_ALIASES = {
     "fwd+bwd": "fwd+bwd",
     "fwd_bwd": "fwd+bwd",
     "train": "fwd+bwd",
+    "stream": "stream",
 }
 
 
@@ -106,6 +128,55 @@ def _backends(item, where: str) -> list[str]:
     return [name]
 
 
+def _mechanism(item, where: str) -> list[str]:
+    name = str(item).strip().lower()
+    if name not in mechanism_names():
+        raise UserError(f"{where}: unknown mechanism {item!r}", f"choose {', '.join(mechanism_names())}")
+    return [name]
+
+
+def _option_value(item):
+    """A mechanism option value from text or YAML: none, bool, int, float, else the string."""
+    if not isinstance(item, str):
+        return item
+    text = item.strip()
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false", "yes", "no"):
+        return lowered in ("true", "yes")
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_mechanism_options(value, where: str) -> dict[str, list]:
+    """`--option NAME=V1,V2` flags (a list of strings) or a YAML mapping {name: [values]}."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        pairs = []
+        for item in value:
+            name, sep, values = item.partition("=")
+            if not sep or not name.strip():
+                raise UserError(f"{where}: {item!r} is not NAME=VALUES", "write e.g. --option budget=2,4")
+            pairs.append((name.strip(), values))
+    else:
+        raise UserError(
+            f"{where}: expected NAME=VALUES items or a mapping", "write e.g. options: {budget: [2, 4]}"
+        )
+    options: dict[str, list] = {}
+    for name, values in pairs:
+        items = [_option_value(item) for item in split_items(values)]
+        if not items:
+            raise UserError(f"{where}: option {name!r} has no value", "give at least one value")
+        options[str(name)] = list(dict.fromkeys(items))
+    return options
+
+
 def _dtype(item, where: str) -> list[str]:
     try:
         return [dtype_name(parse_dtype(str(item)))]
@@ -116,7 +187,7 @@ def _dtype(item, where: str) -> list[str]:
 def _mode(item, where: str) -> list[str]:
     mode = _MODE_ALIASES.get(str(item).strip().lower())
     if mode is None:
-        raise UserError(f"{where}: unknown mode {item!r}", "use fwd or fwd+bwd")
+        raise UserError(f"{where}: unknown mode {item!r}", "use fwd, fwd+bwd or stream")
     return [mode]
 
 
@@ -135,6 +206,8 @@ _ITEM_PARSERS = {
     "window": lambda item, where: [parse_int(item, where, minimum=0, none_ok=True)],
     "lambda": lambda item, where: [parse_float(item, where)],
     "period": lambda item, where: [parse_int(item, where, none_ok=True)],
+    "mechanism": _mechanism,
+    "ring_world_size": lambda item, where: [parse_int(item, where, minimum=1)],
 }
 
 
@@ -152,7 +225,7 @@ def _parse_setting(key: str, value, where: str):
         return parse_int(value, where, none_ok=True)
     if key == "memory_budget_gb":
         return None if str(value).strip().lower() == "none" else parse_float(value, where)
-    return parse_bool(value, where)  # isolate
+    return parse_bool(value, where)  # isolate, paired
 
 
 def read_options(config: str | None, flags: dict, default_config: str | None, kind: str = "bench") -> dict:
@@ -178,6 +251,9 @@ def read_options(config: str | None, flags: dict, default_config: str | None, ki
         where = f"--{key.replace('_', '-')}" if key in given else f"{key} in {path}"
         if key in SETTINGS:
             values[key] = _parse_setting(key, value, where)
+            continue
+        if key == "options":
+            values[key] = parse_mechanism_options(value, where.replace("--options", "--option"))
             continue
         items = split_items(value)
         if not items:
@@ -228,9 +304,19 @@ def _fixed(value, fmt: str) -> str:
 
 
 def _backend_label(row: dict) -> Text:
-    if row["backend"] == "auto" and row.get("chosen"):
-        return Text.assemble("auto", ("→" + row["chosen"], "dim"))
-    return Text(row["backend"])
+    mechanism = row.get("mechanism") or "toroidal"
+    label = Text(f"{mechanism} " if mechanism != "toroidal" else "")
+    if mechanism != "toroidal" and row["backend"] == "-":
+        label = Text(mechanism)
+    elif row["backend"] == "auto" and row.get("chosen"):
+        label.append_text(Text.assemble("auto", ("→" + row["chosen"], "dim")))
+    else:
+        label.append(row["backend"])
+    if row.get("options"):
+        label.append(f" {row['options']}", style="dim")
+    if row.get("ring_world_size"):  # sequence-parallel rows: world size and layout
+        label = Text.assemble(f"ring W={row['ring_world_size']}", (f" {row.get('chosen') or ''}", "dim"))
+    return label
 
 
 def _axis_value(value) -> str:
@@ -261,6 +347,25 @@ def _axis_column(key: str, header: str) -> render.Column:
     return render.Column(key, header, format=lambda value: _axis_text(key, value), justify="right")
 
 
+# --mode stream rows: median ms is the streaming step; these give the KV-cache step and memory.
+def _kib(value) -> str:
+    return _fixed(None if value is None else value / 1024, ",.1f")
+
+
+STREAM_COLUMNS = [
+    render.Column("kv_cache_ms", "KV-cache ms", format=lambda v: _fixed(v, ".3f"), justify="right"),
+    render.Column("stream_vs_kv_cache", "× KV", format=lambda v: _fixed(v, ".2f"), justify="right"),
+    render.Column("state_bytes", "state KiB", format=_kib, justify="right"),
+    render.Column("kv_cache_bytes", "KV KiB", format=_kib, justify="right"),
+    render.Column(
+        "kv_cache_peak_memory_mb",
+        "KV peak MiB",
+        format=lambda v: _fixed(v, ",.1f"),
+        justify="right",
+    ),
+]
+
+
 def bench_columns(rows: list[dict]) -> tuple[list[render.Column], str]:
     varying, fixed = varying_axes(rows)
     columns = [render.Column("backend_label", "backend", format=lambda v: v, no_wrap=True)]
@@ -275,6 +380,13 @@ def bench_columns(rows: list[dict]) -> tuple[list[render.Column], str]:
         render.Column("overhead", "× SDPA(L)", format=lambda v: _fixed(v, ".2f"), justify="right"),
         render.Column("vs_standard", "× SDPA(N)", format=lambda v: _fixed(v, ".2f"), justify="right"),
     ]
+    if any(row.get("mode") == "stream" for row in rows):
+        columns += STREAM_COLUMNS
+    if all(row.get("mode") == "stream" for row in rows):  # a decoding step has no FLOPs or SDPA baselines
+        columns = [c for c in columns if c.key not in ("tflops", "overhead", "vs_standard")]
+    if any(row.get("error") is not None for row in rows):
+        error_format = lambda v: _fixed(v, ".2e")  # noqa: E731
+        columns.append(render.Column("error", "rel. error", format=error_format, justify="right"))
     if any(row.get("gpu_util_pct") is not None for row in rows):
         columns += [
             render.Column("gpu_util_pct", "GPU %", format=lambda v: _fixed(v, ".0f"), justify="right"),
@@ -326,6 +438,10 @@ def compare_with(old_path: Path, rows: list[dict], threshold: float | None):
     old = read_result(old_path, command="bench")
     if not isinstance(old.get("rows"), list):
         raise UserError(f"{old_path} has no 'rows'", "pass a JSON file written by `toroidal bench --out`")
+    for row in old["rows"]:  # results from before mechanisms existed timed toroidal attention
+        if isinstance(row, dict):
+            row.setdefault("mechanism", "toroidal")
+            row.setdefault("options", None)
     with as_user_error(f"{old_path} cannot be compared row by row"):
         compared = compare_rows(old["rows"], rows, KEY_FIELDS, COMPARE_METRICS)
     both = [row for row in compared if row["match"] == "both"]
@@ -362,8 +478,53 @@ def compare_with(old_path: Path, rows: list[dict], threshold: float | None):
 # --- the command -----------------------------------------------------------------------------------
 
 
+# Sweep keys whose option parameter is named otherwise (for --dry-run's sources).
+DRY_RUN_PARAMS = {"lambda": "lambda_", "options": "option"}
+
+
 def _progress_label(case) -> str:
-    return f"{case.backend} N={case.seq_len} D={case.depth} {case.dtype} {case.mode}"
+    return f"{case.mechanism} {case.backend} N={case.seq_len} D={case.depth} {case.dtype} {case.mode}"
+
+
+# The columns of the --tune table: (row key, header, format).
+TUNING_COLUMNS = (
+    ("dtype", "dtype", None), ("queries", "Lq", None), ("keys", "Lk", None),
+    ("causal", "causal", _axis_value), ("training", "training", _axis_value), ("backend", "fastest", None),
+    ("tile", "tile", lambda v: _fixed(v, "d")), ("median_ms", "median ms", lambda v: _fixed(v, ".3f")),
+    ("runner_up", "next (× time)", None), ("tried", "tried", None),
+)  # fmt: skip
+
+
+def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
+    """`--tune`: measure the sweep's shape buckets, merge them into the tuning table, show the winners."""
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise UserError(f"--tune cannot be combined with {', '.join(given)}", "run the tuning separately")
+    path = path or tuning.default_path()
+    if path is None:
+        raise UserError(f"${tuning.ENV_VAR} turns tuning tables off", "pass --tune-out FILE")
+    if path.is_dir():
+        raise UserError(f"--tune-out {path} is a folder", "give a file name such as tuning.json")
+    with render.progress() as bar:
+        task = bar.add_task("tune", total=None)
+        measured = tuning.tune(sweep, on_case=lambda label: bar.update(task, description=f"tune {label}"))
+    if not measured.entries:
+        raise UserError("no backend could run any shape of the sweep", "check --device, --dtype, the shapes")
+    try:
+        table = tuning.read_table(path).merged(measured) if path.exists() else measured
+    except tuning.TuningTableError as error:
+        render.console.print(Text(f"note: {error}; replacing it", style="dim"))
+        table = measured
+    rows = []
+    for entry in measured.entries.values():
+        ranked = sorted((ms, label) for label, ms in entry.measured.items() if ms is not None)
+        runner_up = f"{ranked[1][1]} ×{ranked[1][0] / ranked[0][0]:.2f}" if len(ranked) > 1 else "-"
+        rows.append({**entry.to_dict(), "runner_up": runner_up, "tried": len(ranked)})
+    columns = [render.Column(key, header, format=fmt, justify="right") for key, header, fmt in TUNING_COLUMNS]
+    title = f"fastest backend per shape bucket on {sweep.device}"
+    render.console.print(render.table(rows, columns, title=title))
+    written = tuning.write_table(table, path)
+    render.console.print(f"wrote {written} ({len(table.entries)} buckets; backend=auto reads it)")
 
 
 def command(
@@ -386,6 +547,8 @@ def command(
     warmup: WarmupOpt = None,
     repeats: RepeatsOpt = None,
     threads: ThreadsOpt = None,
+    mechanism: MechanismOpt = None,
+    option: OptionOpt = None,
     memory_budget_gb: Annotated[
         str | None,
         typer.Option("--memory-budget-gb", help="Skip rows whose materialized (L x L) scores exceed it."),
@@ -393,6 +556,17 @@ def command(
     isolate: Annotated[
         bool | None,
         typer.Option("--isolate/--no-isolate", help="CPU rows in fresh worker forks (measures peak memory)."),
+    ] = None,
+    ring_world_size: Annotated[
+        str | None,
+        typer.Option("--ring-world-size", help="Add ring-attention rows on W local processes (W list)."),
+    ] = None,
+    paired: Annotated[
+        bool | None,
+        typer.Option(
+            "--paired/--no-paired",
+            help="Time each row's SDPA baselines alternating with it (default), or once per shape.",
+        ),
     ] = None,
     out: OutOpt = None,
     compare: Annotated[
@@ -405,8 +579,19 @@ def command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw the rows to this PNG (needs the plot extra).")
     ] = None,
+    dry_run: dryrun.DryRunOpt = False,
+    tune: Annotated[
+        bool,
+        typer.Option("--tune", help="Measure the fastest backend and tile per shape bucket (for auto)."),
+    ] = False,
+    tune_out: Annotated[
+        Path | None,
+        typer.Option("--tune-out", help="With --tune: table file (default: $TOROIDAL_TUNING_FILE or cache)."),
+    ] = None,
 ) -> None:
     check_out_path(out)
+    if tune_out is not None and not tune:
+        raise UserError("--tune-out needs --tune", "add --tune")
     if plot is not None:
         plot_command.check_plot_out(plot, "--plot")
     if fail_on_regression is not None:
@@ -432,23 +617,39 @@ def command(
         "window": window,
         "lambda": lambda_,
         "period": period,
+        "mechanism": mechanism,
+        "options": option or None,
         "device": device,
         "warmup": warmup,
         "repeats": repeats,
         "threads": threads,
         "memory_budget_gb": memory_budget_gb,
         "isolate": isolate,
+        "paired": paired,
+        "ring_world_size": ring_world_size,
     }
     values = read_options(config, flags, DEFAULT_PRESET)
     sweep = build_sweep(values)
     cases = sweep.cases()
+    available(sweep.device)  # a malformed TOROIDAL_MEMORY_LIMIT_GB fails here, not in the first row
+    if dry_run:
+        label = f"config {values['config_file']}" if config is not None else f"preset {DEFAULT_PRESET}"
+        found = dryrun.settings(
+            ctx, {**sweep.to_dict(), "out": out}, from_file=values, file_label=label, params=DRY_RUN_PARAMS
+        )
+        dryrun.show("bench", found, memory_line=sweep_memory_line(sweep))
+        return
+    if tune:
+        run_tuning(sweep, tune_out, {"--out": out, "--compare": compare, "--plot": plot})
+        return
 
-    with render.progress() as bar:
+    with render.progress() as bar, StopSignals("the current row") as stop:
         task = bar.add_task("bench", total=len(cases))
         result = run_sweep(
             sweep,
             on_case=lambda index, case: bar.update(task, description=_progress_label(case)),
             on_row=lambda row: bar.advance(task),
+            should_stop=stop,
         )
     summary = {**result.summary, "notes": result.notes}
     render.console.print(bench_table(result.rows, f"toroidal bench on {sweep.device}"))
@@ -463,11 +664,16 @@ def command(
         record = make_record(
             "bench",
             record_config,
-            {"rows": result.rows, "summary": summary},
+            {"rows": result.rows, "summary": summary, "partial": result.partial},
             argv=invocation_argv(ctx),
             env=capture_env(sweep.device),
         )
         render.console.print(f"wrote {write_result(out, record)}")
+    if result.partial:
+        where = f"; the partial result is in {out}" if out is not None else ""
+        line = f"{stop.name}: stopped after {len(result.rows)} of {len(cases)} rows{where}"
+        render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+        raise typer.Exit(stop.exit_code)
     if plot is not None:
         plot_command.plot_bench_rows(result.rows, plot)
     if regressions:

@@ -1,13 +1,15 @@
 """`toroidal eval`: perplexity, bits per byte, passkey accuracy, speed and memory of a run or a model.
 
-`--checkpoint DIR` evaluates a `toroidal train` run folder (its model, tokenizer and toroidal
+`--checkpoint DIR` evaluates a `toroidal train` run folder (its model, tokenizer and mechanism
 layers; its data options are the defaults). `--model` evaluates a preset, model folder or hub
-model with `--attention baseline|toroidal`. `--compare OTHER.json` prints a table against
-another eval result; `--fail-on-regression PCT` makes a quality regression exit 1.
+model with `--mechanism standard|toroidal|...` (`--attention baseline|toroidal` is its old
+name). `--compare OTHER.json` prints a table against another eval result;
+`--fail-on-regression PCT` makes a quality regression exit 1.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -16,15 +18,20 @@ from rich.text import Text
 
 from toroidal.training import SetupError
 from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate, run_defaults
-from toroidal_cli import render
+from toroidal.training.footprint import eval_footprint
+from toroidal.training.hub import remote_code_trusted
+from toroidal.training.streaming_eval import STREAMING_METRICS
+from toroidal_cli import dryrun, render
 from toroidal_cli.commands.train import (
+    FIELD_OF,
     from_command_line,
     resolve_options,
     resolved_argv,
     setup_error,
 )
 from toroidal_cli.errors import UserError
-from toroidal_cli.options import check_out_path, parse_float
+from toroidal_cli.memory_check import refuse_if_too_big
+from toroidal_cli.options import TrustRemoteCodeOpt, check_out_path, parse_float
 from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
 
 HELP = (
@@ -33,7 +40,7 @@ HELP = (
 )
 
 MODEL_OPTIONS = ["model", "attention", "depth", "lambda_", "period", "window", "fusion", "fusion_rank"]
-MODEL_OPTIONS += ["backend", "layers", "tokenizer"]
+MODEL_OPTIONS += ["backend", "layers", "tokenizer", "mechanism", "mechanism_option"]
 DATA_OPTIONS = ["dataset", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size"]
 OPTION_NAMES = MODEL_OPTIONS + DATA_OPTIONS + ["max_batches", "seed", "precision", "device"]
 
@@ -49,7 +56,12 @@ DIRECTIONS = {
     "peak_memory_mb": -1,
 }
 QUALITY = ("loss", "perplexity", "bits_per_token", "bits_per_byte", "passkey_accuracy")
+# --streaming: the same metrics scored token by token on LatentKV states (gate them with --gate NAME).
+STREAMING = tuple(f"streaming_{name}" for name in STREAMING_METRICS)
+DIRECTIONS.update({f"streaming_{name}": DIRECTIONS[name] for name in STREAMING_METRICS})
+STREAMING_OPTIONS = ["streaming", "latent_size", "update"]
 METRIC_ORDER = (*QUALITY, "tokens_per_s", "seconds", "peak_memory_mb", "tokens", "samples", "parameters")
+METRIC_ORDER += STREAMING
 
 
 # --- comparison ----------------------------------------------------------------------------------------
@@ -117,7 +129,7 @@ METRIC_COLUMNS = [render.Column("metric", no_wrap=True), render.Column("value", 
 
 
 def _config_notes(this: dict, other: dict) -> list[str]:
-    keys = ("checkpoint", "model", "attention", "dataset", "seq_len", "max_batches", "device")
+    keys = ("checkpoint", "model", "mechanism", "dataset", "seq_len", "max_batches", "device")
     return [
         f"{key}: {other.get(key)!r} -> {this.get(key)!r}" for key in keys if this.get(key) != other.get(key)
     ]
@@ -134,7 +146,17 @@ def command(
     model: Annotated[
         str | None, typer.Option(help="Instead: tiny, a preset, a model folder or a hub name.")
     ] = None,
-    attention: Annotated[str, typer.Option(help="With --model: baseline or toroidal.")] = "baseline",
+    attention: Annotated[
+        str | None, typer.Option(help="With --model: old name of --mechanism, baseline or toroidal.")
+    ] = None,
+    mechanism: Annotated[
+        str | None,
+        typer.Option("--mechanism", "-m", help="With --model: standard (default), toroidal or another one."),
+    ] = None,
+    mechanism_option: Annotated[
+        list[str] | None,
+        typer.Option("--mechanism-option", help="With --model: a mechanism option NAME=VALUE (repeatable)."),
+    ] = None,
     depth: Annotated[int, typer.Option(help="With --model: platters D per head.")] = 2,
     lambda_: Annotated[float, typer.Option("--lambda", help="With --model: torus distance penalty.")] = 0.1,
     period: Annotated[str, typer.Option(help="With --model: ring period; none: --seq-len.")] = "none",
@@ -149,7 +171,8 @@ def command(
     dataset: Annotated[
         str,
         typer.Option(
-            help="periodic, sinusoidal, passkey, text:PATH (all of it), wikitext2, hf:NAME[:CONFIG]."
+            help="periodic, sinusoidal, passkey, text:PATH (all of it), code:DIR (its held-out files), "
+            "wikitext2, hf:NAME[:CONFIG]."
         ),
     ] = "periodic",
     data_period: Annotated[int, typer.Option(help="periodic: pattern length.")] = 8,
@@ -163,6 +186,17 @@ def command(
     seed: Annotated[int, typer.Option(help="Seed of synthetic data (and of a preset's random init).")] = 0,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on CUDA.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    streaming: Annotated[
+        bool,
+        typer.Option(
+            "--streaming",
+            help="Also score token by token on constant-size LatentKV states (every layer toroidal).",
+        ),
+    ] = False,
+    latent_size: Annotated[int, typer.Option(help="With --streaming: latent slots per head.")] = 64,
+    update: Annotated[
+        str, typer.Option(help="With --streaming: linear or gru (untrained update parameters).")
+    ] = "linear",
     compare: Annotated[
         Path | None, typer.Option("--compare", help="Another `toroidal eval --out` result to compare with.")
     ] = None,
@@ -179,6 +213,8 @@ def command(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")
     ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_out_path(out)
     threshold = (
@@ -195,13 +231,27 @@ def command(
         raise UserError(f"{compare} has no 'metrics'", "pass a file written by `toroidal eval --out`")
 
     values = _options(ctx, checkpoint, model)
+    values.update(streaming=streaming, latent_size=latent_size, update=update.strip().lower())
     try:
-        config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, **values)
-        with render.progress() as bar:
-            task = bar.add_task("eval", total=None)
-            result = evaluate(
-                config, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+        with remote_code_trusted(trust_remote_code):
+            config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, **values)
+            footprint = eval_footprint(config)
+            if dry_run:
+                found = dryrun.settings(
+                    ctx,
+                    {**asdict(config), "out": out, "compare": compare},
+                    from_file=RUN_DEFAULTS if checkpoint is not None else (),
+                    file_label=f"checkpoint {checkpoint}",
+                    params={field: name for name, field in FIELD_OF.items()},
+                )
+                dryrun.show("eval", found, footprint)
+                return
+            refuse_if_too_big(footprint)
+            with render.progress() as bar:
+                task = bar.add_task("eval", total=None)
+                result = evaluate(
+                    config, progress=lambda done, total: bar.update(task, completed=done, total=total)
+                )
     except SetupError as error:
         raise setup_error(error) from None
 
@@ -209,9 +259,15 @@ def command(
     rows = [
         {"metric": name, "value": metrics[name]} for name in METRIC_ORDER if metrics.get(name) is not None
     ]
-    source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['attention']} {model}"
+    source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['mechanism']} {model}"
     render.console.print(Text(f"toroidal eval: {source} on {config.dataset}"), soft_wrap=True)
     render.console.print(render.table(rows, METRIC_COLUMNS))
+    if streaming:
+        note = (
+            f"streaming_*: the same samples token by token on {latent_size} latent slots per head, "
+            f"{values['update']} update with untrained parameters"
+        )
+        render.console.print(Text(note, style="dim"), soft_wrap=True)
 
     regressions = []
     if other is not None:
@@ -231,10 +287,12 @@ def command(
                 [n for n in OPTION_NAMES if n not in MODEL_OPTIONS],
                 ["--checkpoint", str(checkpoint)],
             )
-        else:
-            names, extra = OPTION_NAMES, []
-        argv = resolved_argv("eval", names, values, extra)
-        payload = {"metrics": metrics}
+        else:  # the resolved --mechanism stands in for its old name --attention
+            names, extra = [n for n in OPTION_NAMES if n != "attention"], []
+        resolved = {**values, "mechanism": config.mechanism}
+        extra += ["--trust-remote-code"] if trust_remote_code else []
+        argv = resolved_argv("eval", names + (STREAMING_OPTIONS if streaming else []), resolved, extra)
+        payload = {"metrics": metrics, "mechanism": result.mechanism}
         if other is not None:
             payload["comparison"] = {"other": str(compare), "rows": table_rows}
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))

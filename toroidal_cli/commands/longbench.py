@@ -11,6 +11,7 @@ for SCROLLS. The work is `toroidal.longcontext.run`.
 # No `from __future__ import annotations`: the options' help texts are built per suite inside
 # make_command, and Typer evaluates string annotations in module globals, where they are unknown.
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -22,10 +23,18 @@ from rich.text import Text
 from toroidal.longcontext import SUITES, LongContextConfig, ModelSpec, ProgressEvent, run
 from toroidal.longcontext.tasks import SHIPPED_LENGTHS, SYNTHETIC
 from toroidal.training import SetupError
-from toroidal_cli import render
+from toroidal.training.hub import remote_code_trusted
+from toroidal_cli import dryrun, render
 from toroidal_cli.commands.train import PARSERS, flag_name, setup_error
 from toroidal_cli.errors import UserError
-from toroidal_cli.options import check_out_path, invocation_argv, parse_device, parse_int, split_items
+from toroidal_cli.options import (
+    TrustRemoteCodeOpt,
+    check_out_path,
+    invocation_argv,
+    parse_device,
+    parse_int,
+    split_items,
+)
 from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
 
 HELP = (
@@ -34,6 +43,8 @@ HELP = (
     "locally at --lengths (no network)."
 )
 KEY_FIELDS = ("task", "metric", "filter")
+# Resolved fields whose option is named otherwise (for --dry-run's sources).
+DRY_RUN_PARAMS = {"pretrained": "model", "lambda_distance": "lambda_", "include_paths": "include_path"}
 # ModelSpec field -> the flag that sets it (toroidal options: None means "not given").
 TOROIDAL_FLAGS = {
     "depth": "depth",
@@ -272,6 +283,8 @@ def make_command(suite_name: str):
         out: Annotated[
             Path | None, typer.Option("--out", "-o", help="Also write the result JSON here.")
         ] = None,
+        trust_remote_code: TrustRemoteCodeOpt = False,
+        dry_run: dryrun.DryRunOpt = False,
     ) -> None:
         check_out_path(out)
         if log_samples and out is None:
@@ -305,8 +318,18 @@ def make_command(suite_name: str):
                 include_paths=[str(p) for p in include_path or []],
                 log_samples=log_samples,
             )
+            if dry_run:  # lm-eval decides the context lengths: no memory estimate before it runs
+                resolved = {**dataclasses.asdict(spec), **dataclasses.asdict(config), "out": out}
+                del resolved["model"]
+                found = dryrun.settings(ctx, resolved, params=DRY_RUN_PARAMS, fallback="default or derived")
+                dryrun.show(suite_name, found)
+                return
             # lm-eval prints some notes (e.g. "bootstrapping for stddev"): stdout keeps only results.
-            with quiet_libraries(), contextlib.redirect_stdout(sys.stderr):
+            with (
+                quiet_libraries(),
+                contextlib.redirect_stdout(sys.stderr),
+                remote_code_trusted(trust_remote_code),
+            ):
                 result = run(config, progress=_progress)
         except SetupError as error:
             raise setup_error(error) from None

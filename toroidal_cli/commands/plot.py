@@ -13,8 +13,11 @@ from typing import Annotated
 import typer
 
 from toroidal import plots
-from toroidal_cli import render
+from toroidal.training.errors import CheckpointError
+from toroidal_cli import dryrun, render
+from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
+from toroidal_cli.options import config_path, load_config, parse_bool, parse_float, parse_int
 from toroidal_cli.results import read_result
 
 HELP = "Draw pictures: bench scaling, training curves, attention heat maps (PNG + JSON of the numbers)."
@@ -81,7 +84,8 @@ def _bench_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
         record = read_result(path, command="bench")
-        if not isinstance(record.get("rows"), list):
+        rows_ok = isinstance(record.get("rows"), list) and all(isinstance(r, dict) for r in record["rows"])
+        if not rows_ok:
             raise UserError(f"{path} has no 'rows'", "pass a JSON file written by `toroidal bench --out`")
         source = {"source": path.stem} if len(paths) > 1 else {}
         rows += [{**row, **source} for row in record["rows"]]
@@ -91,78 +95,197 @@ def _bench_rows(paths: list[Path]) -> list[dict]:
 @app.command("bench", help="Time, peak memory and overhead versus N per backend, from bench result JSONs.")
 @user_errors("plot bench")
 def bench(
+    ctx: typer.Context,
     results: Annotated[list[Path], typer.Argument(help="Result files of `toroidal bench --out`.")],
     out: OutOpt,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_plot_out(out)
-    plot_bench_rows(_bench_rows(results), out)
+    rows = _bench_rows(results)
+    if dry_run:
+        resolved = {"results": results, "rows": len(rows), "out": out, "numbers": out.with_suffix(".json")}
+        dryrun.show("plot bench", dryrun.settings(ctx, resolved, fallback="derived"))
+        return
+    plot_bench_rows(rows, out)
 
 
 @app.command("train", help="Training and validation loss and perplexity of one or more run folders.")
 @user_errors("plot train")
 def train(
+    ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(help="Run folders of `toroidal train --out`.")],
     out: OutOpt,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_plot_out(out)
+    if dry_run:
+        for run in runs:  # the same checks as drawing, without drawing
+            if not run.is_dir():
+                raise UserError(f"{run} is not a run folder", "pass run folders of `toroidal train --out`")
+            read_result(run / "metrics.json", command="train")
+        resolved = {"runs": runs, "out": out, "numbers": out.with_suffix(".json")}
+        dryrun.show("plot train", dryrun.settings(ctx, resolved, fallback="derived"))
+        return
     plot_runs(runs, out)
 
 
-def _optional_int(value: str, option: str) -> int | None:
-    if value.strip().lower() == "none":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(
-            f"{option} {value!r} is not an integer", f"give {option} a whole number or none"
-        ) from None
+# Settings of `plot attention`: flags over the --config YAML over these defaults.
+ATTENTION_DEFAULTS = {
+    "seq_len": 32,
+    "depth": 2,
+    "lambda": 0.1,
+    "window": None,
+    "causal": False,
+    "period": None,
+    "head": 0,
+    "heads": 2,
+    "seed": 0,
+    "checkpoint": None,
+    "text": None,
+    "layer": None,
+}
+# What a trained run fixes itself: the model's own depth, lambda, window, period, causality, heads.
+RUN_FIXED = ("seq_len", "depth", "lambda", "window", "causal", "period", "heads", "seed")
+RANDOM_ONLY = ("text", "layer")  # meaningful only with a checkpoint
 
 
-@app.command("attention", help="Heat maps of one head's attention weights (reference backend, random input).")
-@user_errors("plot attention")
-def attention(
-    out: OutOpt,
-    seq_len: Annotated[int, typer.Option("--seq-len", "-n", help="Sequence length N.")] = 32,
-    depth: Annotated[int, typer.Option("--depth", "-d", help="Platters D per head.")] = 2,
-    lambda_: Annotated[float, typer.Option("--lambda", help="Torus distance penalty lambda.")] = 0.1,
-    window: Annotated[str, typer.Option(help="Circular window w, or none.")] = "none",
-    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal masking.")] = False,
-    period: Annotated[str, typer.Option(help="Ring period P, or none for P = N.")] = "none",
-    head: Annotated[int, typer.Option(help="Which head to draw (of --heads).")] = 0,
-    heads: Annotated[int, typer.Option(help="Number of heads of the random module.")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of the weights and the input.")] = 0,
-) -> None:
-    check_plot_out(out)
-    if seq_len < 1 or depth < 1:
-        raise UserError("--seq-len and --depth must be at least 1", "give positive values")
-    if seq_len * depth > MAX_ATTENTION_TOKENS:
+def _attention_value(key: str, value, where: str):
+    """One setting from a flag string or a YAML value, checked."""
+    if key in ("checkpoint", "text"):
+        return None if value is None else str(value)
+    if key == "causal":
+        return parse_bool(value, where)
+    if key == "lambda":
+        return parse_float(value, where, minimum=0.0)
+    if key in ("window", "period", "layer"):
+        return parse_int(value, where, minimum=0 if key != "period" else 1, none_ok=True)
+    return parse_int(value, where, minimum=0 if key in ("head", "seed") else 1)
+
+
+def attention_settings(config: Path | None, flags: dict) -> dict:
+    """The resolved settings: flags (None = not given) over the YAML file over ATTENTION_DEFAULTS."""
+    from_file = {}
+    if config:
+        path = config_path(str(config), "plot")
+        from_file = relative_to_file(load_config(path, tuple(ATTENTION_DEFAULTS)), path, ("checkpoint",), ())
+    given = {key: value for key, value in flags.items() if value is not None}
+    settings = dict(ATTENTION_DEFAULTS)
+    for key, value in {**from_file, **given}.items():
+        where = f"--{key.replace('_', '-')}" if key in given else f"{key} in {config}"
+        settings[key] = _attention_value(key, value, where)
+    if settings["checkpoint"] is not None:
+        fixed = [key for key in RUN_FIXED if key in given or key in from_file]
+        if fixed:
+            raise UserError(
+                f"--{fixed[0].replace('_', '-')} cannot change a trained run",
+                "drop it: the checkpoint fixes depth, lambda, window, period, causality and heads",
+            )
+        if not settings["text"]:
+            raise UserError("--checkpoint needs --text", 'pass the text to run through it, e.g. --text "..."')
+    else:
+        extra = [key for key in RANDOM_ONLY if settings[key] is not None]
+        if extra:
+            raise UserError(f"--{extra[0]} needs --checkpoint", "pass --checkpoint RUN_FOLDER or drop it")
+    return settings
+
+
+def _random_module_weights(settings: dict):
+    if settings["seq_len"] * settings["depth"] > MAX_ATTENTION_TOKENS:
         raise UserError(
-            f"N*D = {seq_len * depth} is too large to draw",
+            f"N*D = {settings['seq_len'] * settings['depth']} is too large to draw",
             f"keep --seq-len x --depth <= {MAX_ATTENTION_TOKENS}",
         )
-    settings = {
-        "seq_len": seq_len,
-        "depth": depth,
-        "lambda": lambda_,
-        "window": _optional_int(window, "--window"),
-        "causal": causal,
-        "period": _optional_int(period, "--period"),
-        "head": head,
-        "seed": seed,
-    }
     try:
-        weights = plots.attention_weights(
-            seq_len,
-            depth,
-            lambda_distance=lambda_,
+        return plots.attention_weights(
+            settings["seq_len"],
+            settings["depth"],
+            lambda_distance=settings["lambda"],
             window=settings["window"],
-            causal=causal,
+            causal=settings["causal"],
             period=settings["period"],
-            head=head,
-            heads=heads,
-            seed=seed,
+            head=settings["head"],
+            heads=settings["heads"],
+            seed=settings["seed"],
         )
     except ValueError as error:
         raise UserError(str(error), "fix the options") from None
-    _write(plots.plot_attention, weights, depth, out, settings)
+
+
+def _trained_weights(settings: dict):
+    try:
+        return plots.trained_attention_weights(
+            settings["checkpoint"],
+            settings["text"],
+            layer=settings["layer"],
+            head=settings["head"],
+            max_tokens=MAX_ATTENTION_TOKENS,
+        )
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    except ValueError as error:
+        raise UserError(str(error), "pick another --text, --layer or --head") from None
+
+
+@app.command(
+    "attention",
+    help="Heat maps of one head's attention weights (reference backend): of a random module, or of a "
+    "trained run (--checkpoint) on real text (--text).",
+)
+@user_errors("plot attention")
+def attention(
+    ctx: typer.Context,
+    out: OutOpt,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="A YAML file with these options as keys.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A `toroidal train` run folder to draw.")
+    ] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text to run through the checkpoint.")] = None,
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Toroidal layer of the checkpoint (default: the first).")
+    ] = None,
+    seq_len: Annotated[str | None, typer.Option("--seq-len", "-n", help="Sequence length N [32].")] = None,
+    depth: Annotated[str | None, typer.Option("--depth", "-d", help="Platters D per head [2].")] = None,
+    lambda_: Annotated[str | None, typer.Option("--lambda", help="Torus distance penalty [0.1].")] = None,
+    window: Annotated[str | None, typer.Option(help="Circular window w, or none [none].")] = None,
+    causal: Annotated[bool | None, typer.Option("--causal/--no-causal", help="Causal masking [no].")] = None,
+    period: Annotated[str | None, typer.Option(help="Ring period P, or none for P = N [none].")] = None,
+    head: Annotated[str | None, typer.Option(help="Which head to draw [0].")] = None,
+    heads: Annotated[str | None, typer.Option(help="Number of heads of the random module [2].")] = None,
+    seed: Annotated[str | None, typer.Option(help="Seed of the random weights and input [0].")] = None,
+    dry_run: dryrun.DryRunOpt = False,
+) -> None:
+    check_plot_out(out)
+    flags = {
+        "seq_len": seq_len, "depth": depth, "lambda": lambda_, "window": window, "causal": causal,
+        "period": period, "head": head, "heads": heads, "seed": seed,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None, "text": text, "layer": layer,
+    }  # fmt: skip
+    settings = attention_settings(config, flags)
+    if dry_run:
+        from_file = load_config(config_path(str(config), "plot"), tuple(ATTENTION_DEFAULTS)) if config else {}
+        found = dryrun.settings(
+            ctx,
+            {**settings, "out": out},
+            from_file=from_file,
+            file_label=f"config {config}",
+            params={"lambda": "lambda_"},
+        )
+        dryrun.show("plot attention", found)
+        return
+    if settings["checkpoint"] is None:
+        picture = {key: settings[key] for key in ("seq_len", "depth", "lambda", "window", "causal")}
+        picture.update(period=settings["period"], head=settings["head"], seed=settings["seed"])
+        _write(plots.plot_attention, _random_module_weights(settings), settings["depth"], out, picture)
+        return
+    trained = _trained_weights(settings)
+    picture = {
+        "checkpoint": settings["checkpoint"],
+        "layer": trained.layer,
+        "head": settings["head"],
+        "depth": trained.depth,
+        "period": trained.period,
+        "tokens": len(trained.tokens),
+    }
+    _write(plots.plot_attention, trained.weights, trained.depth, out, picture, trained.tokens)

@@ -1,6 +1,7 @@
 """`toroidal profile`: torch.profiler on one ToroidalAttention configuration; tables, trace and JSON.
 
-Takes the options of `toroidal bench` with one value each (a list is an error).
+Takes the options of `toroidal bench` with one value each (a list is an error), `--mechanism`
+and `--option NAME=VALUE` included: another mechanism is profiled as its standalone layer.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal.bench import BenchCase, case_backend
+from toroidal.bench import BenchCase, case_backend, sweep_options
 from toroidal.config import ToroidalConfig
 from toroidal.kernels import BackendUnavailable
 from toroidal.profiling import ProfileSpec, profile_attention
-from toroidal_cli import render
+from toroidal_cli import dryrun, render
 from toroidal_cli.commands.bench import (
     AXES,
+    DRY_RUN_PARAMS,
     BackendOpt,
     BatchOpt,
     CausalOpt,
@@ -34,7 +36,9 @@ from toroidal_cli.commands.bench import (
     HeadDimOpt,
     HeadsOpt,
     LambdaOpt,
+    MechanismOpt,
     ModeOpt,
+    OptionOpt,
     OutOpt,
     PeriodOpt,
     SeqLenOpt,
@@ -44,6 +48,7 @@ from toroidal_cli.commands.bench import (
     read_options,
 )
 from toroidal_cli.errors import UserError, as_user_error
+from toroidal_cli.memory_check import module_footprint, refuse_if_too_big
 from toroidal_cli.options import check_out_path, invocation_argv
 from toroidal_cli.results import capture_env, make_record, write_result
 
@@ -72,6 +77,8 @@ DEFAULTS = {
     "warmup": 1,
     "repeats": 1,
     "threads": None,
+    "mechanism": "toroidal",
+    "options": {},
 }
 
 
@@ -81,6 +88,15 @@ def single_values(values: dict) -> dict:
     if "head_dim" in values:
         config.pop("d_model")
     for key, value in values.items():
+        if key == "options":  # {name: [values]}
+            several = [name for name, items in value.items() if len(items) != 1]
+            if several:
+                raise UserError(
+                    f"profile takes one value per option; --option {several[0]} has {len(value[several[0]])}",
+                    "profile one configuration at a time (use `toroidal bench` for sweeps)",
+                )
+            config[key] = {name: items[0] for name, items in value.items()}
+            continue
         if key not in AXES:
             config[key] = value
             continue
@@ -112,11 +128,19 @@ def _case(config: dict) -> BenchCase:
         lambda_distance=config["lambda"],
         period=config["period"],
         device=config["device"],
+        mechanism=config["mechanism"],
+        options=tuple(sorted(config["options"].items())),
     )
 
 
 def build_spec(config: dict, top: int) -> ProfileSpec:
     case = _case(config)
+    foreign = sorted(set(config["options"]) - set(sweep_options(case.mechanism)))
+    if foreign:
+        taken = ", ".join(sweep_options(case.mechanism)) or "none (its options are the axis flags)"
+        raise UserError(
+            f"--option {foreign[0]}: mechanism {case.mechanism!r} takes {taken}", "drop it or fix the name"
+        )
     problem = case.problem()
     if problem is not None:
         raise UserError(problem, "choose --depth dividing the head dim, and --d-model divisible by --heads")
@@ -143,6 +167,8 @@ def build_spec(config: dict, top: int) -> ProfileSpec:
             steps=config["repeats"],
             top=top,
             threads=config["threads"],
+            mechanism=case.mechanism,
+            options=case.mechanism_kwargs() if case.mechanism != "toroidal" else {},
         )
     try:
         case_backend(case)  # fail now, with the backend's own reason, not inside the profiler
@@ -231,12 +257,15 @@ def command(
     repeats: Annotated[
         str | None, typer.Option("--repeats", help="Profiled steps (times are per step).")
     ] = None,
+    mechanism: MechanismOpt = None,
+    option: OptionOpt = None,
     threads: ThreadsOpt = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many operators to list.")] = 15,
     trace: Annotated[
         Path | None, typer.Option("--trace", help="Write a Chrome trace (chrome://tracing, Perfetto) here.")
     ] = None,
     out: OutOpt = None,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_out_path(out)
     if trace is not None and trace.is_dir():
@@ -259,12 +288,30 @@ def command(
         "warmup": warmup,
         "repeats": repeats,
         "threads": threads,
+        "mechanism": mechanism,
+        "options": option,
     }
-    values = single_values(read_options(config, flags, default_config=None))
+    given = read_options(config, flags, default_config=None)
+    values = single_values(given)
     spec = build_spec(values, top)
+    footprint = module_footprint(_case(values))
+    if dry_run:
+        shown = {key: value for key, value in values.items() if key != "config_file"}
+        found = dryrun.settings(
+            ctx,
+            {**shown, "top": top, "trace": trace, "out": out},
+            from_file=given,
+            file_label=f"config {values.get('config_file')}",
+            params=DRY_RUN_PARAMS,
+        )
+        dryrun.show("profile", found, footprint, batch_flag="--batch")
+        return
+    if footprint is not None:
+        refuse_if_too_big(footprint, batch_flag="--batch")
     on_device = spec.device.startswith("cuda")
 
-    render.err_console.print(Text(f"profiling {spec.mode} of {spec.config.backend} ...", style="dim"))
+    what = spec.config.backend if spec.mechanism == "toroidal" else spec.mechanism
+    render.err_console.print(Text(f"profiling {spec.mode} of {what} ...", style="dim"))
     with without_profiler_banner():
         result = profile_attention(spec)
 
@@ -272,6 +319,8 @@ def command(
     render.console.print(stage_table(result.stages, on_device))
     render.console.print(operator_table(result.operators, on_device, top))
     backend_text = summary["backend"] + (f"→{summary['chosen']}" if summary["backend"] == "auto" else "")
+    if spec.mechanism != "toroidal":
+        backend_text = spec.mechanism + "".join(f" {k}={v}" for k, v in values["options"].items())
     memory = "-" if summary["peak_memory_mb"] is None else f"{summary['peak_memory_mb']:,.1f} MiB"
     render.console.print(
         f"{backend_text} · B={spec.batch} N={spec.seq_len} d_model={spec.config.d_model} "
@@ -292,6 +341,8 @@ def command(
         record_config = {
             **{key: values[key] for key in values if key != "config_file"},
             "layer": spec.config.to_dict(),
+            "mechanism": spec.mechanism,
+            "kernel_options": spec.options,
             "top": top,
             "config_file": values.get("config_file"),
         }

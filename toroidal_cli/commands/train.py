@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -26,14 +27,22 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from toroidal.mechanisms import mechanism_names
 from toroidal.training import ProgressEvent, SetupError, TrainConfig, train
 from toroidal.training.distributed import world_size_from_env
+from toroidal.training.footprint import train_footprint
+from toroidal.training.hub import remote_code_trusted
 from toroidal.training.runs import METRICS
-from toroidal_cli import render
+from toroidal_cli import dryrun, render
+from toroidal_cli.commands import bench as bench_command
 from toroidal_cli.commands import plot as plot_command
+from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError
+from toroidal_cli.memory_check import refuse_if_too_big
 from toroidal_cli.options import (
+    TrustRemoteCodeOpt,
     config_path,
+    invocation_argv,
     load_config,
     parse_bool,
     parse_float,
@@ -41,20 +50,21 @@ from toroidal_cli.options import (
     split_items,
 )
 from toroidal_cli.results import capture_env, make_record, write_result
+from toroidal_cli.signals import StopSignals
 
 HELP = (
-    "Train a language model with toroidal attention (or the baseline) and write a run folder.\n\n"
+    "Train a language model with toroidal attention (or another mechanism) and write a run folder.\n\n"
     "Models: tiny (default), a preset in configs/models, a local model folder or a hub name. "
-    "Data: periodic, sinusoidal, passkey, text:PATH, wikitext2, hf:NAME[:CONFIG]. "
+    "Data: periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2, hf:NAME[:CONFIG]. "
     "Under torchrun the run is data-parallel (gloo on CPU, nccl on CUDA)."
 )
 
 # --- options shared with `toroidal eval` ---------------------------------------------------------------
 
 # Typer parameter name -> library field, where they differ (`lambda` is a Python keyword).
-FIELD_OF = {"lambda_": "lambda_distance"}
+FIELD_OF = {"lambda_": "lambda_distance", "mechanism_option": "mechanism_options"}
 # YAML spellings -> parameter name.
-YAML_ALIASES = {"lambda": "lambda_", "lambda_distance": "lambda_"}
+YAML_ALIASES = {"lambda": "lambda_", "lambda_distance": "lambda_", "mechanism_options": "mechanism_option"}
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
 
@@ -96,9 +106,29 @@ def _optional_text(value, where: str) -> str | None:
     return _text(value, where)
 
 
+def _mechanism(value, where: str) -> str:
+    name = str(value).strip().lower()
+    if name not in mechanism_names():
+        raise UserError(f"{where}: unknown mechanism {value!r}", f"choose {', '.join(mechanism_names())}")
+    return name
+
+
+def _mechanism_options(value, where: str) -> dict:
+    """`--mechanism-option NAME=VALUE` flags or a YAML mapping: one value per option."""
+    options = bench_command.parse_mechanism_options(value, where)
+    several = [name for name, values in options.items() if len(values) != 1]
+    if several:
+        raise UserError(f"{where}: option {several[0]!r} has several values", "give one value per option")
+    return {name: values[0] for name, values in options.items()}
+
+
 PARSERS = {
     "model": _text,
     "attention": _choice(("toroidal", "baseline")),
+    "mechanism": _mechanism,
+    "mechanism_option": _mechanism_options,
+    "adaptive_depth": parse_bool,
+    "min_depth": lambda v, w: parse_int(v, w, none_ok=True),
     "depth": lambda v, w: parse_int(v, w),
     "lambda_": lambda v, w: parse_float(v, w),
     "period": lambda v, w: parse_int(v, w, none_ok=True),
@@ -153,7 +183,9 @@ def resolve_options(ctx: typer.Context, names: list[str], file_values: dict, whe
         given_in_file = name in file_values and not from_command_line(ctx, name)
         raw = file_values[name] if given_in_file else ctx.params[name]
         label = f"{where}: {name.rstrip('_')}" if given_in_file and where else flag_name(name)
-        values[FIELD_OF.get(name, name)] = PARSERS[name](raw, label) if raw is not None else None
+        # A YAML null is parsed too: 'none' where the option allows it, a one-line error where not.
+        parsed = raw is not None or given_in_file
+        values[FIELD_OF.get(name, name)] = PARSERS[name](raw, label) if parsed else None
     return values
 
 
@@ -171,6 +203,8 @@ def resolved_argv(command: str, names: list[str], values: dict, extra: list[str]
         value = values[FIELD_OF.get(name, name)]
         if isinstance(value, bool):
             argv += [flag_name(name)] if value else []
+        elif isinstance(value, dict):
+            argv += [part for key, item in value.items() for part in (flag_name(name), f"{key}={item}")]
         elif isinstance(value, list):
             argv += [flag_name(name), ",".join(map(str, value))]
         else:
@@ -221,6 +255,8 @@ class TrainProgress:
         elif event.kind == "step":
             m = event.metrics
             stats = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {_format(m['tokens_per_s'], 3)} tok/s"
+            if m.get("mean_depth") is not None:  # adaptive depth
+                stats += f"  depth {m['mean_depth']:.2f}  saved {m['compute_saved']:.0%}"
             self.bar.update(self.task, completed=event.step, stats=stats)
         elif event.kind == "eval":
             m = event.metrics
@@ -261,6 +297,11 @@ def _summary_rows(payload: dict) -> list[dict]:
         ("tokens/s", timing["tokens_per_s"]),
         ("wall time (s)", timing["wall_time_s"]),
     ]
+    mechanism = payload.get("mechanism") or {}
+    if mechanism.get("name") not in (None, "toroidal", "standard"):
+        rows.append((f"{mechanism['name']} layers", ",".join(map(str, mechanism["layers"])) or "-"))
+    means = mechanism.get("metrics_mean") or {}
+    rows += [(f"{mechanism['name']}: {key}", value) for key, value in means.items()]
     return [
         {"metric": name, "value": value} for name, value in rows if value is not None or "val" not in name
     ]
@@ -281,8 +322,29 @@ def command(
         str, typer.Option(help="tiny, a preset in configs/models, a model folder or hub name.")
     ] = "tiny",
     attention: Annotated[
-        str, typer.Option(help="toroidal or baseline (the host model's own attention).")
-    ] = "toroidal",
+        str | None, typer.Option(help="Old name of --mechanism: toroidal or baseline (= standard).")
+    ] = None,
+    mechanism: Annotated[
+        str | None,
+        typer.Option(
+            "--mechanism", "-m", help="Attention mechanism: toroidal (default), standard or another one."
+        ),
+    ] = None,
+    mechanism_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mechanism-option", help="An option of a non-toroidal mechanism, NAME=VALUE (repeatable)."
+        ),
+    ] = None,
+    adaptive_depth: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive-depth", help="Learn how many of the --depth platters to use (--mechanism adaptive)."
+        ),
+    ] = False,
+    min_depth: Annotated[
+        str, typer.Option(help="With --adaptive-depth: the fewest platters the gate may pick; none: 1.")
+    ] = "none",
     depth: Annotated[int, typer.Option(help="Platters D per head.")] = 2,
     lambda_: Annotated[float, typer.Option("--lambda", help="Torus distance penalty lambda.")] = 0.1,
     period: Annotated[str, typer.Option(help="Ring period P; none: the training --seq-len.")] = "none",
@@ -306,7 +368,10 @@ def command(
         bool, typer.Option("--grad-checkpointing", help="Recompute activations in backward (less memory).")
     ] = False,
     dataset: Annotated[
-        str, typer.Option(help="periodic, sinusoidal, passkey, text:PATH, wikitext2 or hf:NAME[:CONFIG].")
+        str,
+        typer.Option(
+            help="periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2, hf:NAME[:CONFIG]."
+        ),
     ] = "periodic",
     data_period: Annotated[int, typer.Option(help="periodic: length of the repeated pattern.")] = 8,
     data_vocab: Annotated[int, typer.Option(help="periodic, sinusoidal: number of distinct tokens.")] = 16,
@@ -343,41 +408,68 @@ def command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw the run's loss curves to this PNG (plot extra).")
     ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     if plot is not None:
         plot_command.check_plot_out(plot, "--plot")
     file_values, file_path = (
         ({}, None) if config is None else read_yaml_options(config, OPTION_NAMES, ("out",))
     )
+    if file_path is not None:  # an --out flag replaces the file's, unchecked: the user asked for it
+        file_values = relative_to_file(file_values, file_path, outputs=() if out is not None else ("out",))
     options = resolve_options(ctx, OPTION_NAMES, file_values, str(file_path))
     if out is None and "out" in file_values:
         out = Path(str(file_values["out"]))
     out = _run_folder(out, resume)
     try:
-        train_config = TrainConfig(**options)
-        # Under torchrun only rank 0 renders (the library calls back on rank 0 only).
-        bar = TrainProgress() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-        with bar:
-            result = train(
-                train_config, out, resume=resume, progress=bar if isinstance(bar, TrainProgress) else None
-            )
+        with remote_code_trusted(trust_remote_code):
+            train_config = TrainConfig(**options)
+            footprint = train_footprint(train_config)
+            if dry_run:
+                resolved = {**train_config.to_dict(), "out": out, "resume": resume}
+                params = {field: name for name, field in FIELD_OF.items()}
+                label = f"config {file_path}"
+                found = dryrun.settings(ctx, resolved, from_file=file_values, file_label=label, params=params)
+                dryrun.show("train", found, footprint)
+                return
+            refuse_if_too_big(footprint)
+            # Under torchrun only rank 0 renders (the library calls back on rank 0 only).
+            bar = TrainProgress() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+            with bar, StopSignals("the current step") as stop:
+                progress = bar if isinstance(bar, TrainProgress) else None
+                result = train(train_config, out, resume=resume, progress=progress, should_stop=stop)
     except SetupError as error:
         raise setup_error(error) from None
     if not result.is_main:
+        if result.stopped:
+            raise typer.Exit(stop.exit_code)
         return
     evals = result.payload["validation"]
     columns = [c for c in VALIDATION_COLUMNS if any(row.get(c.key) is not None for row in evals)]
     render.console.print(render.table(evals, columns, title="validation"))
     summary = _summary_rows(result.payload)
-    title = f"toroidal train: {result.config['attention']} on {result.config['dataset']} in {out}"
+    title = f"toroidal train: {result.config['mechanism']} on {result.config['dataset']} in {out}"
     render.console.print(Text(title), soft_wrap=True)
     render.console.print(
         render.table(summary, [render.Column("metric"), render.Column("value", justify="right")])
     )
     extra = ["--out", str(out)] + (["--resume"] if resume else [])
-    argv = resolved_argv("train", OPTION_NAMES, options, extra)
-    record = make_record("train", result.config, result.payload, argv=argv, env=capture_env(result.device))
+    extra += ["--trust-remote-code"] if trust_remote_code else []
+    # The resolved mechanism stands in for its old name --attention.
+    names = [name for name in OPTION_NAMES if name != "attention"]
+    argv = resolved_argv("train", names, {**options, "mechanism": train_config.mechanism}, extra)
+    payload = result.payload
+    if result.stopped:  # the metrics so far, and which signal ended the run where
+        payload = {**payload, "interrupted": {"signal": stop.name, "step": payload["final"]["step"]}}
+    record = make_record("train", result.config, payload, argv=argv, env=capture_env(result.device))
     render.console.print(f"wrote {write_result(out / METRICS, record)}")
+    if result.stopped:
+        again = invocation_argv(ctx, given_only=True, exclude=("out", "resume"))
+        again += ["--out", str(out), "--resume"]
+        line = f"interrupted at step {payload['final']['step']}; resume with: {shlex.join(again)}"
+        render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+        raise typer.Exit(stop.exit_code)
     if plot is not None:
         plot_command.plot_runs([out], plot)
 

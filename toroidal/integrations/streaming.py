@@ -1,0 +1,124 @@
+"""Streaming inside transformers models: every toroidal layer keeps a `LatentKV` instead of keys.
+
+    with streaming_layers(model, latent_size=64, update="linear"):
+        logits = stream_logits(model, ids)  # (B, T, vocab), the model fed one token at a time
+
+The model sees one token per call, at its position (`position_ids`), without a KV cache.
+The host computes that token's q, k and v with its own projections and rotary encoding;
+each toroidal layer (kernel mode, `apply_toroidal`) runs `latent_attention_step` on its
+state, with the layer's torus, its head-dim platter order, the host's scale and its depth
+fusion, and the host's output projection follows. The period is the layer's causal one
+(config.period or max_len), as in the full pass.
+
+Every attention layer must be toroidal: a standard layer would need the growing KV
+cache that streaming replaces. The update parameters are created here and are not
+trained: `linear` starts as the running mean of each slot (exact while every slot holds
+one position), `gru` starts at random. What streaming costs in quality with them is the
+point of `toroidal eval --streaming`; see `toroidal.streaming` for what it approximates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toroidal.integrations.transformers import FUSION_ATTR, attention_modules
+from toroidal.streaming import LatentKV, LatentUpdate, latent_attention_step
+
+STREAM_ATTR = "toroidal_stream"  # the attribute `_toroidal_forward` looks for
+
+
+@dataclass
+class LayerStream:
+    """The streaming state of one toroidal layer of a host model (a plain attribute, not a submodule)."""
+
+    update: LatentUpdate
+    latent_size: int
+    state: LatentKV | None = None
+
+    def step(self, module: nn.Module, query, key, value, scaling):
+        """The attention interface's call for one token: (output (B, 1, H, e), no weights)."""
+        layer = module.toroidal
+        cfg = layer.config
+        if query.shape[2] != 1:
+            raise ValueError(
+                f"toroidal layer {layer.layer} is streaming: one token per call, got {query.shape[2]}"
+            )
+        if layer.order is not None:
+            order = layer.order_on(query.device)
+            query, key = query.index_select(-1, order), key.index_select(-1, order)
+        if self.state is None:
+            b, kv_heads, _, e = key.shape
+            self.state = LatentKV.empty(b, kv_heads, self.latent_size, e, key.device, key.dtype)
+        out, self.state = latent_attention_step(
+            query,
+            key,
+            value,
+            self.state,
+            self.update,
+            depth=cfg.depth,
+            lambda_distance=cfg.lambda_distance,
+            period=cfg.period if cfg.period is not None else cfg.max_len,
+            window=cfg.window,
+            scale=scaling,
+        )
+        out = F.dropout(getattr(module, FUSION_ATTR)(out), cfg.dropout, training=module.training)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def check_streamable(model: nn.Module) -> None:
+    """Raise ValueError unless every attention layer of `model` runs toroidal attention."""
+    modules = attention_modules(model)
+    plain = [layer for layer, module in modules.items() if getattr(module, "toroidal", None) is None]
+    if plain:
+        raise ValueError(
+            f"streaming needs toroidal attention in every layer; layer(s) {', '.join(map(str, plain))} "
+            "are not toroidal and would need the KV cache that streaming replaces"
+        )
+
+
+def _kv_heads(model: nn.Module, heads: int) -> int:
+    return getattr(model.config, "num_key_value_heads", None) or heads
+
+
+@contextlib.contextmanager
+def streaming_layers(model: nn.Module, latent_size: int = 64, update: str = "linear"):
+    """Give every toroidal layer of `model` a streaming state (fresh update parameters) while inside."""
+    if isinstance(latent_size, bool) or not isinstance(latent_size, int) or latent_size < 1:
+        raise ValueError(f"latent_size={latent_size!r} must be a positive integer")
+    check_streamable(model)
+    modules = attention_modules(model).values()
+    for module in modules:
+        layer = module.toroidal
+        width = layer.head_dim // layer.config.depth
+        rule = LatentUpdate(update, _kv_heads(model, layer.heads), layer.config.depth, width)
+        reference = next(module.parameters())
+        rule = rule.to(device=reference.device, dtype=reference.dtype)
+        setattr(module, STREAM_ATTR, LayerStream(rule, latent_size))
+    try:
+        yield model
+    finally:
+        for module in modules:
+            delattr(module, STREAM_ATTR)
+
+
+def reset_streams(model: nn.Module) -> None:
+    """Forget every layer's state: the next token is position 0 of new sequences."""
+    for module in attention_modules(model).values():
+        getattr(module, STREAM_ATTR).state = None
+
+
+def stream_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, vocab) of ids (B, T), one token per call from fresh states (in `streaming_layers`)."""
+    reset_streams(model)
+    batch, length = ids.shape
+    logits = []
+    for t in range(length):
+        position = torch.full((batch, 1), t, dtype=torch.long, device=ids.device)
+        out = model(input_ids=ids[:, t : t + 1], position_ids=position, use_cache=False)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)

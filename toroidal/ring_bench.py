@@ -1,0 +1,125 @@
+"""The sequence-parallel rows of `toroidal bench`: `ring_attention` timed across W local processes.
+
+A ring row runs the same problem as the single-process rows of its shape (B, H, N, e,
+the torus, the mode), cut into W sequence shards, one per spawned process (gloo on CPU,
+NCCL with one GPU per rank on CUDA). Causal rows use the load-balanced zigzag layout,
+others the contiguous one. Every timed run starts and ends with a barrier, so a rank's
+time is the wall time of the whole distributed step; the row keeps the times of the rank
+with the slowest median. Peak memory is the largest per-rank peak: resident-set growth of each fresh rank
+process on CPU, the CUDA allocator's peak on GPU. The ranks share the row's thread
+budget (threads // W each, at least one), so that ring and single-process rows use the
+same cores. With paired baselines (the default), rank 0 times the row's two plain-SDPA
+baselines after every ring run, with the whole thread budget, while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from toroidal.bench import (
+    BenchCase,
+    Measurement,
+    Timing,
+    WorkerDied,
+    _inference_step,
+    _inputs,
+    _paired_steps,
+    _PeakMemory,
+    _timed,
+    _training_step,
+    baseline_calls,
+    sdpa_step_factory,
+)
+from toroidal.kernels import BackendUnavailable
+from toroidal.ring import ring_attention
+from toroidal.ring_launch import RankFailed, run_local_group
+
+
+def ring_layout(case: BenchCase) -> str:
+    """Zigzag balances the causal triangle across ranks; without causal masking every rank has equal work."""
+    return "zigzag" if case.causal else "contiguous"
+
+
+def ring_chosen(case: BenchCase) -> str:
+    """The layout a ring row runs (its `chosen` field); raises BackendUnavailable when it cannot run."""
+    world, layout = case.ring_world_size, ring_layout(case)
+    parts = 2 * world if layout == "zigzag" else world
+    if case.seq_len % parts:
+        raise BackendUnavailable(
+            f"ring over {world} ranks ({layout} layout) needs N divisible by {parts}, got N={case.seq_len}"
+        )
+    device = torch.device(case.device)
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise BackendUnavailable(
+            f"ring over {world} ranks on CUDA needs {world} GPUs (one per rank); "
+            f"{torch.cuda.device_count()} visible"
+        )
+    return layout
+
+
+def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Measurement:
+    device = torch.device("cuda", rank) if case.device.startswith("cuda") else torch.device("cpu")
+    local_sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def sync():  # every rank starts and ends a timed run together
+        local_sync()
+        dist.barrier()
+
+    torus = {name: value for name, value in case.kernel_kwargs().items() if name != "backend"}
+
+    def attend(q, k, v):
+        return ring_attention(q, k, v, **torus, layout=ring_layout(case))
+
+    torch.manual_seed(rank)
+    sync()  # the group's own first-use buffers are not the row's memory
+    # As in bench._measure: peak memory covers setup and warm-up, never the baselines.
+    with _PeakMemory(device, isolated=True) as peak:
+        shape = (case.batch, case.heads, case.seq_len // world, case.head_dim)
+        q, k, v = _inputs(shape, case.dtype, case.training, device)
+        step = (_training_step if case.training else _inference_step)(attend, q, k, v)
+        for _ in range(timing.warmup):
+            step()
+        times = [] if timing.warmup else [_timed(step, sync)]
+    # Rank 0 times the paired baselines with the whole thread budget while the others wait.
+    ring_threads, all_threads = torch.get_num_threads(), timing.threads or torch.get_num_threads()
+    baselines = {}
+    if rank == 0 and timing.paired:
+        torch.set_num_threads(all_threads)
+        factories = {name: sdpa_step_factory(call) for name, call in baseline_calls(case).items()}
+        baselines = _paired_steps(factories, device, timing.warmup)
+        torch.set_num_threads(ring_threads)
+    baseline_times = {name: [] if callable(run) else run for name, run in baselines.items()}
+    for round_ in range(timing.repeats):
+        if round_ >= len(times):
+            times.append(_timed(step, sync))
+        torch.set_num_threads(all_threads)
+        for name, baseline in baselines.items():
+            if callable(baseline):
+                baseline_times[name].append(_timed(baseline, local_sync))
+        torch.set_num_threads(ring_threads)
+    return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
+
+
+def measure_ring(case: BenchCase, timing: Timing) -> Measurement:
+    """Time one ring row on `case.ring_world_size` spawned processes: the slowest rank's times."""
+    world = case.ring_world_size
+    device_type = torch.device(case.device).type
+    threads = max(1, (timing.threads or torch.get_num_threads()) // world)
+    try:
+        ranks = run_local_group(
+            _measure_rank, world, (case, timing), device_type=device_type, threads=threads
+        )
+    except RankFailed as error:  # a rank the OOM killer took reads as an oom row
+        raise WorkerDied(str(error), error.signal_number) from None
+    slowest = max(ranks, key=lambda measured: statistics.median(measured.times))
+    peaks = [measured.peak_memory_bytes for measured in ranks]
+    what = "peak RSS growth of each rank process" if device_type == "cpu" else "cuda max_memory_allocated"
+    return Measurement(
+        slowest.times,
+        None if None in peaks else max(peaks),
+        None if None in peaks else f"max over {world} ranks of {what}",
+        baseline_times=ranks[0].baseline_times,
+    )
