@@ -250,15 +250,20 @@ def _pieces_forward(aug: _Augmented, pieces) -> list:
     results = {}
     squares = [i for i, piece in enumerate(pieces) if piece.causal]
     if len(squares) > 1:
-        tokens = max(pieces[i].q1 - pieces[i].q0 for i in squares) * aug.depth
+        sizes = {pieces[i].q1 - pieces[i].q0 for i in squares}
+        tokens = max(sizes) * aug.depth
         batch = aug.k.shape[0]
-        stacked = [
-            t.new_zeros(len(squares) * batch, t.shape[1], tokens, t.shape[-1])
-            for t in (aug.q_plus, aug.k, aug.v)
-        ]
-        for slot, i in enumerate(squares):
-            for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
-                buffer[slot * batch : (slot + 1) * batch, :, : part.shape[-2]] = part
+        if len(sizes) == 1:  # no padding: one concatenation, no zero-filled buffers
+            parts = [aug.inputs(pieces[i]) for i in squares]
+            stacked = [torch.cat([p[which] for p in parts]) for which in range(3)]
+        else:
+            stacked = [
+                t.new_zeros(len(squares) * batch, t.shape[1], tokens, t.shape[-1])
+                for t in (aug.q_plus, aug.k, aug.v)
+            ]
+            for slot, i in enumerate(squares):
+                for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
+                    buffer[slot * batch : (slot + 1) * batch, :, : part.shape[-2]] = part
         out, lse = _attend(*stacked, True, aug.depth, aug.scale)
         for slot, i in enumerate(squares):
             rows = (pieces[i].q1 - pieces[i].q0) * aug.depth
