@@ -337,6 +337,25 @@ def _register(fallback: str) -> str:
     return name
 
 
+def host_layers(model: nn.Module, layers, what: str) -> tuple[dict[int, nn.Module], list[int], int]:
+    """(attention modules by layer, the chosen layers, rotary dims) of a host `what` can plug into.
+
+    Raises ValueError for a host attention other than sdpa/eager, a bad layer choice, or a
+    model whose other layers would have no attention function to keep.
+    """
+    previous = model.config._attn_implementation
+    if previous not in SUPPORTED_FALLBACKS:
+        raise ValueError(
+            f"{what} needs a model running one of {', '.join(SUPPORTED_FALLBACKS)} attention, "
+            f"got {previous!r}; call model.set_attn_implementation('sdpa') first"
+        )
+    modules = attention_modules(model)
+    chosen = _chosen_layers(layers, sorted(modules))
+    if any(_fallback_function(previous, m) is None for m in modules.values()):
+        raise ValueError(f"{type(model).__name__} has no eager attention function to keep in other layers")
+    return modules, chosen, _rotary_dim(model)
+
+
 # --- public API --------------------------------------------------------------------
 
 
@@ -385,16 +404,7 @@ def apply_toroidal(model: nn.Module, config: ToroidalConfig, layers=None) -> nn.
     previous = model.config._attn_implementation
     if is_toroidal(model):
         raise ValueError("toroidal attention is already applied to this model; call remove_toroidal first")
-    if previous not in SUPPORTED_FALLBACKS:
-        raise ValueError(
-            f"apply_toroidal needs a model running one of {', '.join(SUPPORTED_FALLBACKS)} attention, "
-            f"got {previous!r}; call model.set_attn_implementation('sdpa') first"
-        )
-    modules = attention_modules(model)
-    chosen = _chosen_layers(layers, sorted(modules))
-    if any(_fallback_function(previous, m) is None for m in modules.values()):
-        raise ValueError(f"{type(model).__name__} has no eager attention function to keep in other layers")
-    rotary_dim = _rotary_dim(model)
+    modules, chosen, rotary_dim = host_layers(model, layers, "apply_toroidal")
     # Check every layer before changing any.
     plans = []
     for layer in chosen:

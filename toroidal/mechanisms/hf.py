@@ -41,15 +41,14 @@ from torch import nn
 
 from toroidal.config import ToroidalConfig
 from toroidal.integrations.transformers import (
-    SUPPORTED_FALLBACKS,
     _chosen_layers,
     _fallback_function,
     _head_shape,
     _mask_function,
-    _rotary_dim,
     apply_toroidal,
     attention_modules,
     host_keys,
+    host_layers,
     is_toroidal,
     load_attached_weights,
     platter_order,
@@ -224,16 +223,7 @@ def plug_mechanism(model: nn.Module, name: str, options: dict | None = None, lay
             f"mechanism {applied_mechanism(model)!r} is already applied to this model; "
             "call remove_mechanism first"
         )
-    if previous not in SUPPORTED_FALLBACKS:
-        raise ValueError(
-            f"mechanism {name!r} needs a model running one of {', '.join(SUPPORTED_FALLBACKS)} attention, "
-            f"got {previous!r}; call model.set_attn_implementation('sdpa') first"
-        )
-    modules = attention_modules(model)
-    chosen = _chosen_layers(layers, sorted(modules))
-    if any(_fallback_function(previous, m) is None for m in modules.values()):
-        raise ValueError(f"{type(model).__name__} has no eager attention function to keep in other layers")
-    rotary_dim = _rotary_dim(model)
+    modules, chosen, rotary_dim = host_layers(model, layers, f"mechanism {name!r}")
     # Build every kernel before changing anything: a bad option leaves the model as it was.
     plans = []
     for layer in chosen:
