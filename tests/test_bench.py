@@ -371,3 +371,11 @@ def test_rows_carry_both_ratios_paired_or_not(tmp_path, paired):
     assert row["overhead"] > 0 and row["vs_standard"] > 0
     assert row["sdpa_torus_ms"] > 0 and row["sdpa_standard_ms"] > 0
     assert record["config"]["paired"] is (paired == "--paired")
+
+
+def test_without_baselines_rows_have_times_but_no_ratios(tmp_path):
+    record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa", "--no-baselines")
+    row = record["rows"][0]
+    assert row["status"] == "ok" and row["median_ms"] > 0
+    assert row["overhead"] is row["vs_standard"] is row["sdpa_torus_ms"] is None
+    assert record["config"]["baselines"] is False

@@ -14,7 +14,9 @@ Both baselines use `is_causal` = the row's causal flag and no other mask. By def
 (`paired`) every row times its own baselines in the same process, one run of each after
 every run of the row, and a ratio is the median of the per-round ratios: the machine's
 speed drifts (shared, throttled), and runs made moments apart drift together. Unpaired,
-each baseline is timed once per tensor shape in its own process.
+each baseline is timed once per tensor shape in its own process. Without baselines
+(`baselines=False`, for scaling runs where SDPA on L tokens would dominate), rows carry
+no ratios.
 
 Memory. CUDA rows report `torch.cuda.max_memory_allocated` growth over the row.
 CPU has no allocator statistics, so every CPU measurement runs in a fresh fork of a
@@ -226,6 +228,7 @@ class BenchSweep:
     memory_budget_gb: float | None = None  # skip rows whose materialized scores would exceed it
     isolate: bool | None = None  # CPU rows in forked workers; None: wherever it is possible
     paired: bool = True  # baselines timed with each row, alternating (see the module docstring)
+    baselines: bool = True  # False: no SDPA baselines, no ratios (scaling runs where SDPA is too slow)
     ring_world_size: list[int] = field(default_factory=list)  # extra `ring` rows on W processes each
 
     def __post_init__(self) -> None:
@@ -408,6 +411,7 @@ class Timing:
     # Time each row's plain-SDPA baselines in the same process, alternating with the row's own
     # runs, so that a ratio compares runs made moments apart on a machine whose speed drifts.
     paired: bool = True
+    baselines: bool = True  # False: time the rows only (overhead and vs_standard stay null)
 
 
 @dataclass(frozen=True)
@@ -623,7 +627,7 @@ def measure_toroidal(case: BenchCase, timing: Timing) -> Measurement:
         return (_training_step if case.training else _inference_step)(attend, q, k, v)
 
     paired = None
-    if timing.paired:
+    if timing.paired and timing.baselines:
         paired = {name: sdpa_step_factory(call) for name, call in baseline_calls(case).items()}
     measured = _measure(make_step, timing, paired)
     if kernel is not None:
@@ -994,6 +998,8 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
     )
     if measured.peak_memory_bytes is not None:
         row["peak_memory_mb"] = measured.peak_memory_bytes / _MB
+    if not timing.baselines:
+        return row
     calls = baseline_calls(case)
     for name, ratio in (("sdpa_torus", "overhead"), ("sdpa_standard", "vs_standard")):
         paired = measured.baseline_times.get(name)
@@ -1060,6 +1066,7 @@ def run_sweep(
         sweep.threads or torch.get_num_threads(),
         isolate,
         sweep.paired,
+        sweep.baselines,
     )
     telemetry = GpuTelemetry(device)
     notes = [telemetry.note] if telemetry.note else []

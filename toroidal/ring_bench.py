@@ -86,7 +86,7 @@ def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Mea
     # Rank 0 times the paired baselines with the whole thread budget while the others wait.
     ring_threads, all_threads = torch.get_num_threads(), timing.threads or torch.get_num_threads()
     baselines = {}
-    if rank == 0 and timing.paired:
+    if rank == 0 and timing.paired and timing.baselines:
         torch.set_num_threads(all_threads)
         factories = {name: sdpa_step_factory(call) for name, call in baseline_calls(case).items()}
         baselines = _paired_steps(factories, device, timing.warmup)

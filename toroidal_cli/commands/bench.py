@@ -65,7 +65,7 @@ AXES = (
     "options",
     "ring_world_size",
 )
-SETTINGS = ("device", "warmup", "repeats", "threads", "memory_budget_gb", "isolate", "paired")
+SETTINGS = ("device", "warmup", "repeats", "threads", "memory_budget_gb", "isolate", "paired", "baselines")
 CONFIG_KEYS = AXES + SETTINGS
 
 ConfigOpt = Annotated[
@@ -225,7 +225,7 @@ def _parse_setting(key: str, value, where: str):
         return parse_int(value, where, none_ok=True)
     if key == "memory_budget_gb":
         return None if str(value).strip().lower() == "none" else parse_float(value, where)
-    return parse_bool(value, where)  # isolate, paired
+    return parse_bool(value, where)  # isolate, paired, baselines
 
 
 def read_options(config: str | None, flags: dict, default_config: str | None, kind: str = "bench") -> dict:
@@ -568,6 +568,13 @@ def command(
             help="Time each row's SDPA baselines alternating with it (default), or once per shape.",
         ),
     ] = None,
+    baselines: Annotated[
+        bool | None,
+        typer.Option(
+            "--baselines/--no-baselines",
+            help="Time the plain-SDPA baselines and ratios (default), or only the rows (long scaling runs).",
+        ),
+    ] = None,
     out: OutOpt = None,
     compare: Annotated[
         Path | None, typer.Option("--compare", help="An older bench result JSON: print per-row deltas.")
@@ -626,6 +633,7 @@ def command(
         "memory_budget_gb": memory_budget_gb,
         "isolate": isolate,
         "paired": paired,
+        "baselines": baselines,
         "ring_world_size": ring_world_size,
     }
     values = read_options(config, flags, DEFAULT_PRESET)
