@@ -250,20 +250,17 @@ def _pieces_forward(aug: _Augmented, pieces) -> list:
     results = {}
     squares = [i for i, piece in enumerate(pieces) if piece.causal]
     if len(squares) > 1:
-        sizes = {pieces[i].q1 - pieces[i].q0 for i in squares}
-        tokens = max(sizes) * aug.depth
+        tokens = max(pieces[i].q1 - pieces[i].q0 for i in squares) * aug.depth
         batch = aug.k.shape[0]
-        if len(sizes) == 1:  # no padding: one concatenation, no zero-filled buffers
-            parts = [aug.inputs(pieces[i]) for i in squares]
-            stacked = [torch.cat([p[which] for p in parts]) for which in range(3)]
-        else:
-            stacked = [
-                t.new_zeros(len(squares) * batch, t.shape[1], tokens, t.shape[-1])
-                for t in (aug.q_plus, aug.k, aug.v)
-            ]
-            for slot, i in enumerate(squares):
-                for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
-                    buffer[slot * batch : (slot + 1) * batch, :, : part.shape[-2]] = part
+        stacked = [
+            t.new_empty(len(squares) * batch, t.shape[1], tokens, t.shape[-1])
+            for t in (aug.q_plus, aug.k, aug.v)
+        ]
+        for slot, i in enumerate(squares):
+            for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
+                rows = buffer[slot * batch : (slot + 1) * batch]
+                rows[:, :, : part.shape[-2]] = part
+                rows[:, :, part.shape[-2] :] = 0  # only the padding is zeroed (never NaN garbage)
         out, lse = _attend(*stacked, True, aug.depth, aug.scale)
         for slot, i in enumerate(squares):
             rows = (pieces[i].q1 - pieces[i].q0) * aug.depth
@@ -293,6 +290,31 @@ def _piece_backward(aug: _Augmented, piece: Piece, grad, out, lse):
     return gq, gk, gv
 
 
+def _merged_by_rows(aug: _Augmented, pieces) -> dict[tuple[int, int], tuple]:
+    """(output, log-sum-exp) per query range, pieces of the same range merged in one pass.
+
+    Outputs are in the original order with the row constants added to the log-sum-exp.
+    """
+    groups: dict[tuple[int, int], list] = {}
+    for piece, (p_out, p_lse) in zip(pieces, _pieces_forward(aug, pieces), strict=True):
+        if piece.flip:
+            p_out, p_lse = p_out.flip(2), p_lse.flip(2)
+        groups.setdefault((piece.q0, piece.q1), []).append((p_out, p_lse + aug.row_constant(piece)))
+    merged = {}
+    for rows, parts in groups.items():
+        if len(parts) == 1:
+            merged[rows] = parts[0]
+            continue
+        lses = torch.stack([p_lse for _, p_lse in parts])
+        total = torch.logsumexp(lses, dim=0)
+        weights = torch.exp(lses - total).to(parts[0][0].dtype)
+        out = parts[0][0] * weights[0, ..., None]
+        for (p_out, _), weight in zip(parts[1:], weights[1:], strict=True):
+            out.addcmul_(p_out, weight[..., None])
+        merged[rows] = (out, total)
+    return merged
+
+
 def _valid_rows(geometry, key_padding, length):
     """(B, 1, L, 1) bool: rows with at least one allowed real key (None when all rows have one)."""
     if key_padding is None:
@@ -311,19 +333,16 @@ class _DecomposedAttention(torch.autograd.Function):
         out = q.new_zeros(b, h, length, dim)
         lse = torch.full((b, h, length), float("-inf"), device=q.device)
         first_visit = torch.ones(length // geometry.depth, dtype=torch.bool)
-        for piece, (p_out, p_lse) in zip(pieces, _pieces_forward(aug, pieces), strict=True):
-            if piece.flip:
-                p_out, p_lse = p_out.flip(2), p_lse.flip(2)
-            p_lse = p_lse + aug.row_constant(piece)
-            rows = aug.tokens(piece.q0, piece.q1)
-            if first_visit[piece.q0 : piece.q1].all():  # nothing to merge with yet
+        for (q0, q1), (p_out, p_lse) in _merged_by_rows(aug, pieces).items():
+            rows = aug.tokens(q0, q1)
+            if first_visit[q0:q1].all():  # nothing to merge with yet
                 out[:, :, rows], lse[:, :, rows] = p_out, p_lse
             else:
                 merged = torch.logaddexp(lse[:, :, rows], p_lse)
                 out[:, :, rows] *= torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
                 out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
                 lse[:, :, rows] = merged
-            first_visit[piece.q0 : piece.q1] = False
+            first_visit[q0:q1] = False
         valid = _valid_rows(geometry, key_padding, length)
         if valid is not None:
             out = out * valid
