@@ -140,7 +140,7 @@ def test_out_of_memory_becomes_an_oom_row(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
     monkeypatch.setattr(bench, "time_call", out_of_memory)  # unpaired timing
-    monkeypatch.setattr(bench, "_timed", out_of_memory)  # paired timing
+    monkeypatch.setattr(bench, "timed_run", out_of_memory)  # paired timing
     record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa,blockwise")
     assert [row["status"] for row in record["rows"]] == ["oom", "oom"]
     assert "Tried to allocate" in record["rows"][0]["reason"]

@@ -463,7 +463,7 @@ def _proc_status_bytes(key: str) -> int | None:
     return None
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory growth of the enclosed code: CUDA allocator stats, or RSS of a disposable fork."""
 
     def __init__(self, device: torch.device, isolated: bool):
@@ -505,7 +505,7 @@ class _PeakMemory:
 StepFactory = Callable[[torch.device], Callable[[], object]]
 
 
-def _timed(step: Callable[[], object], sync: Callable[[], None]) -> float:
+def timed_run(step: Callable[[], object], sync: Callable[[], None]) -> float:
     sync()
     start = time.perf_counter()
     step()
@@ -513,7 +513,7 @@ def _timed(step: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _paired_steps(paired: dict[str, StepFactory], device, warmup: int) -> dict[str, Callable | str]:
+def paired_steps(paired: dict[str, StepFactory], device, warmup: int) -> dict[str, Callable | str]:
     """Each baseline's step, warmed up; a baseline that fails becomes the reason it failed."""
     steps: dict[str, Callable | str] = {}
     for name, make_step in paired.items():
@@ -541,27 +541,27 @@ def _measure(
     torch.manual_seed(0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if not paired:
-        with _PeakMemory(device, timing.isolated) as peak:
+        with PeakMemory(device, timing.isolated) as peak:
             step = make_step(device)
             times = time_call(step, timing.warmup, timing.repeats, sync)
         return Measurement(times, peak.bytes, peak.method)
-    with _PeakMemory(device, timing.isolated) as peak:
+    with PeakMemory(device, timing.isolated) as peak:
         step = make_step(device)
         for _ in range(timing.warmup):
             step()
-        times = [] if timing.warmup else [_timed(step, sync)]
-    baselines = _paired_steps(paired, device, timing.warmup)
+        times = [] if timing.warmup else [timed_run(step, sync)]
+    baselines = paired_steps(paired, device, timing.warmup)
     baseline_times = {name: [] if callable(s) else s for name, s in baselines.items()}
     for round_ in range(timing.repeats):
         if round_ >= len(times):
-            times.append(_timed(step, sync))
+            times.append(timed_run(step, sync))
         for name, baseline in baselines.items():
             if callable(baseline):
-                baseline_times[name].append(_timed(baseline, sync))
+                baseline_times[name].append(timed_run(baseline, sync))
     return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
 
 
-def _training_step(attend: Callable, q, k, v) -> Callable[[], object]:
+def training_step(attend: Callable, q, k, v) -> Callable[[], object]:
     grad = torch.randn_like(attend(q, k, v))
 
     def step():
@@ -572,7 +572,7 @@ def _training_step(attend: Callable, q, k, v) -> Callable[[], object]:
     return step
 
 
-def _inference_step(attend: Callable, q, k, v) -> Callable[[], object]:
+def inference_step(attend: Callable, q, k, v) -> Callable[[], object]:
     def step():
         with torch.no_grad():
             return attend(q, k, v)
@@ -580,7 +580,7 @@ def _inference_step(attend: Callable, q, k, v) -> Callable[[], object]:
     return step
 
 
-def _inputs(shape, dtype: str, training: bool, device):
+def random_inputs(shape, dtype: str, training: bool, device):
     return [torch.randn(shape, device=device, dtype=DTYPES[dtype], requires_grad=training) for _ in range(3)]
 
 
@@ -623,8 +623,8 @@ def measure_toroidal(case: BenchCase, timing: Timing) -> Measurement:
             kernel = build_kernel(case.mechanism, case.heads, case.head_dim, **case.mechanism_kwargs())
             kernel = kernel.to(device=device, dtype=DTYPES[case.dtype]).requires_grad_(case.training)
         shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-        q, k, v = _inputs(shape, case.dtype, case.training, device)
-        return (_training_step if case.training else _inference_step)(attend, q, k, v)
+        q, k, v = random_inputs(shape, case.dtype, case.training, device)
+        return (training_step if case.training else inference_step)(attend, q, k, v)
 
     paired = None
     if timing.paired and timing.baselines:
@@ -643,10 +643,10 @@ def sdpa_step_factory(call: SdpaCall) -> StepFactory:
         return F.scaled_dot_product_attention(q, k, v, is_causal=call.causal)
 
     def make_step(device):
-        q, k, v = _inputs(
+        q, k, v = random_inputs(
             (call.batch, call.heads, call.tokens, call.width), call.dtype, call.mode == "fwd+bwd", device
         )
-        return (_training_step if call.mode == "fwd+bwd" else _inference_step)(attend, q, k, v)
+        return (training_step if call.mode == "fwd+bwd" else inference_step)(attend, q, k, v)
 
     return make_step
 
@@ -898,14 +898,14 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-def _percentile(times: list[float], fraction: float) -> float:
+def percentile(times: list[float], fraction: float) -> float:
     ordered = sorted(times)
     position = fraction * (len(ordered) - 1)
     low, high = math.floor(position), math.ceil(position)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _empty_row(case: BenchCase, status: str, reason: str | None, chosen: str | None = None) -> dict:
+def empty_row(case: BenchCase, status: str, reason: str | None, chosen: str | None = None) -> dict:
     row = {**case.key(), "chosen": chosen, "platter_tokens": case.platter_tokens, "status": status}
     row["reason"] = reason
     row.update(dict.fromkeys(METRIC_FIELDS))
@@ -957,7 +957,7 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
         return bench_stream_case(case, run, timing, budget_gb)
     problem = case.problem()
     if problem is not None:
-        return _empty_row(case, SKIPPED, problem)
+        return empty_row(case, SKIPPED, problem)
     measure = measure_toroidal
     try:
         if case.ring_world_size is not None:  # W spawned processes
@@ -967,29 +967,29 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
         else:
             chosen = case_backend(case)
     except BackendUnavailable as error:
-        return _empty_row(case, SKIPPED, str(error))
+        return empty_row(case, SKIPPED, str(error))
     estimate = case_estimate(chosen, case)
     problem = _budget_problem(chosen, case, budget_gb)
     if problem is None and estimate is not None:  # refused here rather than killed by the OS
         problem = memory.over_available(estimate, case.device)
     estimated_mb = estimate.total / _MB if estimate is not None else None
     if problem is not None:
-        return {**_empty_row(case, SKIPPED, problem, chosen), "estimated_memory_mb": estimated_mb}
+        return {**empty_row(case, SKIPPED, problem, chosen), "estimated_memory_mb": estimated_mb}
     try:
         measured = run(measure, case=case, timing=timing)
     except BackendUnavailable as error:
-        return _empty_row(case, SKIPPED, str(error), chosen)
+        return empty_row(case, SKIPPED, str(error), chosen)
     except Exception as error:
         status = OOM if is_out_of_memory(error) else ERROR
-        return _empty_row(case, status, f"{type(error).__name__}: {error}".strip(), chosen)
+        return empty_row(case, status, f"{type(error).__name__}: {error}".strip(), chosen)
 
-    row = _empty_row(case, OK, None, chosen)
+    row = empty_row(case, OK, None, chosen)
     row["estimated_memory_mb"] = estimated_mb
     median = statistics.median(measured.times)
     row.update(
         median_ms=median * 1e3,
-        p10_ms=_percentile(measured.times, 0.1) * 1e3,
-        p90_ms=_percentile(measured.times, 0.9) * 1e3,
+        p10_ms=percentile(measured.times, 0.1) * 1e3,
+        p90_ms=percentile(measured.times, 0.9) * 1e3,
         tokens_per_s=case.batch * case.seq_len / median,
         tflops=attention_flops(case) / median / 1e12,
         memory_method=measured.memory_method,

@@ -22,16 +22,16 @@ import torch.distributed as dist
 from toroidal.bench import (
     BenchCase,
     Measurement,
+    PeakMemory,
     Timing,
     WorkerDied,
-    _inference_step,
-    _inputs,
-    _paired_steps,
-    _PeakMemory,
-    _timed,
-    _training_step,
     baseline_calls,
+    inference_step,
+    paired_steps,
+    random_inputs,
     sdpa_step_factory,
+    timed_run,
+    training_step,
 )
 from toroidal.kernels import BackendUnavailable
 from toroidal.ring import ring_attention
@@ -76,29 +76,29 @@ def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Mea
     torch.manual_seed(rank)
     sync()  # the group's own first-use buffers are not the row's memory
     # As in bench._measure: peak memory covers setup and warm-up, never the baselines.
-    with _PeakMemory(device, isolated=True) as peak:
+    with PeakMemory(device, isolated=True) as peak:
         shape = (case.batch, case.heads, case.seq_len // world, case.head_dim)
-        q, k, v = _inputs(shape, case.dtype, case.training, device)
-        step = (_training_step if case.training else _inference_step)(attend, q, k, v)
+        q, k, v = random_inputs(shape, case.dtype, case.training, device)
+        step = (training_step if case.training else inference_step)(attend, q, k, v)
         for _ in range(timing.warmup):
             step()
-        times = [] if timing.warmup else [_timed(step, sync)]
+        times = [] if timing.warmup else [timed_run(step, sync)]
     # Rank 0 times the paired baselines with the whole thread budget while the others wait.
     ring_threads, all_threads = torch.get_num_threads(), timing.threads or torch.get_num_threads()
     baselines = {}
     if rank == 0 and timing.paired and timing.baselines:
         torch.set_num_threads(all_threads)
         factories = {name: sdpa_step_factory(call) for name, call in baseline_calls(case).items()}
-        baselines = _paired_steps(factories, device, timing.warmup)
+        baselines = paired_steps(factories, device, timing.warmup)
         torch.set_num_threads(ring_threads)
     baseline_times = {name: [] if callable(run) else run for name, run in baselines.items()}
     for round_ in range(timing.repeats):
         if round_ >= len(times):
-            times.append(_timed(step, sync))
+            times.append(timed_run(step, sync))
         torch.set_num_threads(all_threads)
         for name, baseline in baselines.items():
             if callable(baseline):
-                baseline_times[name].append(_timed(baseline, local_sync))
+                baseline_times[name].append(timed_run(baseline, local_sync))
         torch.set_num_threads(ring_threads)
     return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
 

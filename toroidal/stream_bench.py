@@ -34,11 +34,11 @@ from toroidal.bench import (
     SKIPPED,
     BenchCase,
     Measurement,
+    PeakMemory,
     Timing,
-    _empty_row,
-    _PeakMemory,
-    _percentile,
+    empty_row,
     is_out_of_memory,
+    percentile,
     time_call,
 )
 from toroidal.config import ToroidalConfig
@@ -146,7 +146,7 @@ def measure_decode_step(case: BenchCase, timing: Timing, path: str) -> Measureme
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():  # first a step on a tiny context: loading code is not the context's memory
         _step(replace(case, seq_len=1), path, module, device, latent_size=1)()
-    with torch.no_grad(), _PeakMemory(device, timing.isolated) as peak:
+    with torch.no_grad(), PeakMemory(device, timing.isolated) as peak:
         step = _step(case, path, module, device)
         times = time_call(step, timing.warmup, timing.repeats, sync)
     return Measurement(times, peak.bytes, peak.method)
@@ -175,27 +175,27 @@ def bench_stream_case(case: BenchCase, run: Callable, timing: Timing, budget_gb:
     """
     problem = case.problem() or _problem(case, budget_gb)
     if problem is not None:
-        return _with_stream_fields(_empty_row(case, SKIPPED, problem))
+        return _with_stream_fields(empty_row(case, SKIPPED, problem))
     try:
         chosen = kv_cache_backend(case)
     except BackendUnavailable as error:
-        return _with_stream_fields(_empty_row(case, SKIPPED, str(error)))
+        return _with_stream_fields(empty_row(case, SKIPPED, str(error)))
     try:
         stream = run(measure_decode_step, case=case, timing=timing, path="stream")
         cached = run(measure_decode_step, case=case, timing=timing, path="kv_cache")
     except BackendUnavailable as error:
-        return _with_stream_fields(_empty_row(case, SKIPPED, str(error), chosen))
+        return _with_stream_fields(empty_row(case, SKIPPED, str(error), chosen))
     except Exception as error:
         status = OOM if is_out_of_memory(error) else ERROR
         reason = f"{type(error).__name__}: {error}".strip()
-        return _with_stream_fields(_empty_row(case, status, reason, chosen))
-    row = _with_stream_fields(_empty_row(case, OK, None, chosen))
+        return _with_stream_fields(empty_row(case, status, reason, chosen))
+    row = _with_stream_fields(empty_row(case, OK, None, chosen))
     median, cached_median = statistics.median(stream.times), statistics.median(cached.times)
     state_bytes, cache_bytes = context_bytes(case)
     row.update(
         median_ms=median * 1e3,
-        p10_ms=_percentile(stream.times, 0.1) * 1e3,
-        p90_ms=_percentile(stream.times, 0.9) * 1e3,
+        p10_ms=percentile(stream.times, 0.1) * 1e3,
+        p90_ms=percentile(stream.times, 0.9) * 1e3,
         tokens_per_s=case.batch / median,
         memory_method=stream.memory_method,
         kv_cache_ms=cached_median * 1e3,
