@@ -221,8 +221,8 @@ def _same_position_scores(q, k, depth, scale):
     b, h, length, dim = q.shape
     n = length // depth
     s = torch.einsum("bhnkd,bhnld->bhnkl", q.reshape(b, h, n, depth, dim), k.reshape(b, h, n, depth, dim))
-    above = torch.ones(depth, depth, dtype=torch.bool, device=q.device).triu(1)
-    return (s.float() * scale).masked_fill(~above, float("-inf"))
+    below = torch.ones(depth, depth, dtype=torch.bool, device=q.device).tril()
+    return s.float().mul_(scale).masked_fill_(below, float("-inf"))  # s is a fresh tensor
 
 
 def _attend(q, k, v, causal: bool, depth: int, scale: float):
@@ -234,9 +234,10 @@ def _attend(q, k, v, causal: bool, depth: int, scale: float):
         s = _same_position_scores(q, k, depth, scale)
         lse_fix = torch.logsumexp(s, dim=-1).reshape(b, h, length)
         merged = torch.logaddexp(lse, lse_fix)
-        p = torch.exp(s - merged.reshape(b, h, n, depth, 1))
+        p = s.sub_(merged.reshape(b, h, n, depth, 1)).exp_()
         extra = torch.einsum("bhnkl,bhnld->bhnkd", p.to(v.dtype), v.reshape(b, h, n, depth, dim))
-        out = out * torch.exp(lse - merged)[..., None].to(out.dtype) + extra.reshape(out.shape)
+        # The kernel's output is ours to scale in place.
+        out = out.mul_(torch.exp(lse - merged)[..., None].to(out.dtype)).add_(extra.reshape(out.shape))
         lse = merged
     return out, lse
 
