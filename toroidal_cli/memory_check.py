@@ -66,8 +66,8 @@ def sweep_memory_line(sweep) -> str:
     from toroidal.bench import case_backend, case_estimate
     from toroidal.kernels import BackendUnavailable
 
-    estimates = []
-    for case in sweep.cases():
+    estimates, cases = [], sweep.cases()
+    for case in cases:
         try:
             chosen = case_backend(case) if case.problem() is None else None
         except (BackendUnavailable, ValueError):
@@ -80,7 +80,7 @@ def sweep_memory_line(sweep) -> str:
     total, chosen, case = max(estimates, key=lambda item: item[0])
     free = available(sweep.device)
     line = (
-        f"{len(estimates)} rows estimated; the largest {memory.format_bytes(total)} "
+        f"{len(estimates)} of {len(cases)} rows estimated; the largest {memory.format_bytes(total)} "
         f"({chosen} N={case.seq_len} D={case.depth} B={case.batch} {case.mode})"
     )
     if free is None:
