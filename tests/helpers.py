@@ -1,4 +1,6 @@
-"""Assertions shared by the command-line tests."""
+"""Assertions and inputs shared by the tests."""
+
+import torch
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -10,3 +12,13 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def padded_batch(n=7, seed=1):
+    """Row 0 left-padded, row 1 right-padded, row 2 unpadded."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 100, (3, n))
+    mask = torch.ones(3, n, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, n - 2 :] = 0
+    return ids.masked_fill(mask == 0, 0), mask

@@ -9,6 +9,7 @@ per test and removed after it.
 
 import pytest
 import torch
+from helpers import padded_batch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -62,16 +63,6 @@ def build(family="llama", attn="sdpa", seed=0, **overrides):
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-def padded_batch(n=7, seed=1):
-    """Row 0 left-padded, row 1 right-padded, row 2 unpadded."""
-    torch.manual_seed(seed)
-    ids = torch.randint(3, 100, (3, n))
-    mask = torch.ones(3, n, dtype=torch.long)
-    mask[0, :3] = 0
-    mask[1, n - 2 :] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def run(model, ids, mask=None, **kw):

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from helpers import padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,16 +51,6 @@ def build(family="llama", attn="sdpa", seed=0, **overrides):
     torch.manual_seed(seed)
     auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
     return auto.from_config(config, attn_implementation=attn).eval()
-
-
-def padded_batch(n=7, seed=1):
-    """Row 0 left-padded, row 1 right-padded, row 2 unpadded."""
-    torch.manual_seed(seed)
-    ids = torch.randint(3, 100, (3, n))
-    mask = torch.ones(3, n, dtype=torch.long)
-    mask[0, :3] = 0
-    mask[1, n - 2 :] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def run(model, ids, mask=None, **kw):
