@@ -70,3 +70,31 @@ def test_position_mask_and_wraps():
 def test_expand_key_padding_is_position_major():
     mask = torch.tensor([[True, False]])
     assert expand_key_padding(mask, 3).tolist() == [[True, True, True, False, False, False]]
+
+
+@given(
+    n_queries=st.integers(1, 12),
+    n_keys=st.integers(1, 12),
+    offset=st.integers(0, 6),
+    period=st.integers(1, 14),
+    causal=st.booleans(),
+    window=st.none() | st.integers(0, 8),
+)
+def test_linear_segments_cover_the_allowed_pairs_once_with_the_ring_distance(
+    n_queries, n_keys, offset, period, causal, window
+):
+    geometry = TorusGeometry(1, period, 0.1, causal, window, q_offset=offset)
+    segments = geometry.linear_segments(n_queries, n_keys, limit=1000)
+    for i in range(offset, offset + n_queries):
+        for j in range(n_keys):
+            inside = [s for s in segments if s.lo <= i - j <= s.hi]
+            assert len(inside) == int(position_allowed(i, j, causal, window, period)), (i, j, inside)
+            for s in inside:
+                assert s.slope * (i - j) + s.offset == ring_distance(i, j, period)
+
+
+def test_linear_segments_give_up_past_the_limit():
+    geometry = TorusGeometry(1, 8, 0.1, causal=True)
+    assert len(geometry.linear_segments(8, 8, limit=4)) == 2  # near half and far half
+    assert geometry.linear_segments(8, 8, limit=1) is None
+    assert len(TorusGeometry(1, 8, 0.1, causal=False).linear_segments(8, 8, limit=4)) == 4

@@ -47,6 +47,16 @@ def position_allowed(i, j, causal: bool, window: int | None, period: int):
 
 
 @dataclass(frozen=True)
+class RingSegment:
+    """The position pairs with lo <= i - j <= hi, on which ring(i, j) = slope * (i - j) + offset."""
+
+    lo: int
+    hi: int
+    slope: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class TorusGeometry:
     """Bias and mask rules of one attention call, in platter-token indices.
 
@@ -105,6 +115,34 @@ class TorusGeometry:
         return torch.as_tensor(
             position_allowed(i, j, self.causal, self.window, self.period), device=device
         ).expand(n_queries, n_keys)
+
+    def linear_segments(self, n_queries: int, n_keys: int, limit: int) -> list[RingSegment] | None:
+        """The allowed position pairs cut into bands of m = i - j where the ring distance is linear.
+
+        With m = a*P + r (0 <= r < P), ring = r on the near half (r <= P // 2) and P - r on
+        the far half; the causal rule and the window are intervals of m inside each half, so
+        the bands cover exactly the pairs `allowed` keeps. None if more than `limit` bands.
+        """
+        period, half = self.period, self.period // 2
+        lo = self.q_offset - (n_keys - 1)
+        hi = self.q_offset + n_queries - 1
+        if self.causal:
+            lo = max(lo, 0)
+        near_end, far_start = half, half + 1
+        if self.window is not None:
+            near_end, far_start = min(half, self.window), max(half + 1, period - self.window)
+        segments = []
+        for a in range(lo // period, hi // period + 1):
+            base = a * period
+            near = (base, base + near_end, 1, -base)
+            far = (base + far_start, base + period - 1, -1, base + period)
+            for start, stop, slope, offset in (near, far):
+                start, stop = max(start, lo), min(stop, hi)
+                if start <= stop:
+                    if len(segments) == limit:
+                        return None
+                    segments.append(RingSegment(start, stop, slope, offset))
+        return segments
 
     def wraps(self, n_queries: int, n_keys: int) -> bool:
         """Whether the ring's wrap-around changes any allowed pair (ring distance != |i - j|)."""

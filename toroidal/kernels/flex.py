@@ -8,6 +8,20 @@ new lambda or decoding offset would otherwise cost a fresh compile (~5-20 s).
 Block masks are cached per geometry, shape and device. A key padding mask changes every
 batch, so it is not part of the cache: padded calls reuse the cached block layout with
 every block marked partial, and a per-call mask_mod that also reads the padding.
+
+With a bias, computing the torus distance per score costs more than the attention itself
+at platter widths of 16-32 (integer division, modulo and a float divide per score: 3.9x
+plain SDPA on an H100). So the bias is split into pieces that need no per-score
+arithmetic, the way `decomposed` does on the CPU:
+- query platters become heads (GQA over the key heads): for query platter k the platter
+  term -lambda*|k - l|/D is a per-key constant;
+- the positions are cut into bands of m = i - j where the ring distance is linear
+  (`TorusGeometry.linear_segments`): there -lambda*ring/P is a per-query constant (added
+  to the band's log-sum-exp) plus a per-key constant.
+So each band is one FlexAttention call whose score_mod adds one looked-up key bias, whose
+mask is the band, and the bands merge by log-sum-exp. FlexAttention differentiates its
+log-sum-exp, so the merge trains. More than `_MAX_SEGMENTS` bands (a period much shorter
+than the sequence) fall back to one call that computes the distance per score.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from toroidal.geometry import TorusGeometry
+from toroidal.geometry import RingSegment, TorusGeometry
 from toroidal.kernels.base import Backend, BackendUnavailable, register
 
 try:
@@ -31,19 +45,38 @@ except ImportError as exc:  # torch < 2.5
     _IMPORT_ERROR = f"FlexAttention is not available in torch {torch.__version__} ({exc})"
 else:
     _IMPORT_ERROR = None
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch < 2.9 returns the log-sum-exp with return_lse=True
+    AuxRequest = None
 
 _CACHE_SIZE = 8
 _MIN_CUDA_WIDTH = 16  # the Triton kernel's tl.dot needs head dim >= 16
+_STATIC_MIN_QUERIES = 2048  # query rows from which inference calls compile per shape
+_MAX_SEGMENTS = 4  # causal or not with P >= N needs at most 4 bands
+# Banding needs the log-sum-exp, which the compiled CPU kernel does not return (torch 2.13).
+_BANDED_DEVICES = {"cuda"}
 
 
 @functools.cache
-def _compiled_flex():
-    # FlexAttention is only fused under torch.compile; eager falls back to a slow reference.
+def _compiled_flex(static: bool = False):
+    """FlexAttention under torch.compile (eager flex falls back to a slow reference).
+
+    `static`: one kernel per shape. A kernel compiled for symbolic lengths (what dynamo
+    switches to at the second shape it sees) ran the torus 1.6x slower at N = 8192 on an
+    H100, so long and training calls, whose shapes rarely change, compile per shape;
+    short inference calls (decoding, where the key length grows every step) stay dynamic.
+    """
     # Each mask/score structure (causal, window, padding, bias on/off, dtype) is one graph:
     # more than dynamo's default 8, and falling back to eager flex would be silently slow.
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False if static else None)
+
+
+def _static_shapes(q, k, v) -> bool:
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return training or q.shape[-2] >= _STATIC_MIN_QUERIES
 
 
 def _cpu_reason(requires_grad: bool) -> str | None:
@@ -145,17 +178,154 @@ class FlexBackend(Backend):
                 raise BackendUnavailable(f"backend 'flex' unavailable: {_cpu_reason(True)}")
             # The CPU kernel rejects requires_grad inputs even under no_grad; nothing is recorded here.
             q, k, v = q.detach(), k.detach(), v.detach()
-        traced, block_mask = self._plan(geometry, q.shape[-2], k.shape[-2], q.device)
-        if key_padding is not None:
-            block_mask = self._with_padding(traced, block_mask, key_padding)
-        score_mod = traced.score_mod() if geometry.lambda_distance != 0 else None
         width = q.shape[-1]
         if q.device.type == "cuda" and width < _MIN_CUDA_WIDTH:
             # Zero features change no dot product; the padded output columns are dropped.
             q, k, v = (F.pad(t, (0, _MIN_CUDA_WIDTH - width)) for t in (q, k, v))
-        # Rows with nothing to attend come back as zeros (FlexAttention's documented behaviour).
-        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        depth = geometry.depth
+        segments = None
+        if geometry.lambda_distance != 0 and q.device.type in _BANDED_DEVICES:
+            segments = geometry.linear_segments(q.shape[-2] // depth, k.shape[-2] // depth, _MAX_SEGMENTS)
+        if segments is None:
+            out = self._single_call(q, k, v, geometry, key_padding, scale)
+        else:
+            out = self._banded(q, k, v, geometry, key_padding, scale, segments)
         return out[..., :width], None
+
+    def _single_call(self, q, k, v, geometry, key_padding, scale):
+        """One call over platter-tokens; the bias, if any, is computed per score."""
+        traced, block_mask = self._plan(geometry, q.shape[-2], k.shape[-2], q.device)
+        if key_padding is not None:
+            block_mask = self._with_padding(traced, block_mask, key_padding)
+        score_mod = traced.score_mod() if geometry.lambda_distance != 0 else None
+        # Rows with nothing to attend come back as zeros (FlexAttention's documented behaviour).
+        flex = _compiled_flex(_static_shapes(q, k, v))
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+    def _banded(self, q, k, v, geometry, key_padding, scale, segments):
+        """One call per band of the ring with query platters as heads, merged by log-sum-exp."""
+        batch, heads, n_query_tokens, width = q.shape
+        depth = geometry.depth
+        n_queries, n_keys = n_query_tokens // depth, k.shape[-2] // depth
+        # (B, H, Nq*D, w) -> (B, H*D, Nq, w): head h*D + k holds platter k of head h.
+        q_heads = (
+            q.view(batch, heads, n_queries, depth, width)
+            .transpose(2, 3)
+            .reshape(-1, heads * depth, n_queries, width)
+        )
+        outs, lses = [], []
+        for band in self._bands(geometry, segments, n_queries, n_keys, q.device):
+            block_mask = band.block_mask
+            if key_padding is not None:
+                block_mask = self._with_padding(band, block_mask, key_padding)
+            out, lse = _flex_with_lse(q_heads, k, v, band.score_mod(), block_mask, scale)
+            outs.append(out)
+            lses.append(lse + band.row_bias)
+        out = outs[0] if len(outs) == 1 else _compiled_merge()(outs, lses)
+        return out.view(batch, heads, depth, n_queries, width).transpose(2, 3).reshape(q.shape)
+
+    def _bands(self, geometry, segments, n_queries, n_keys, device):
+        key = ("bands", geometry, n_queries, n_keys, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        bands = [_Band.build(geometry, segment, n_queries, n_keys, device) for segment in segments]
+        self._cache[key] = bands
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return bands
+
+
+@dataclasses.dataclass
+class _Band:
+    """One band lo <= i - j <= hi of the ring: its block mask, key bias and per-query bias."""
+
+    depth: int
+    q_offset: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    key_bias: torch.Tensor  # (D, N_k * D) float32: row k is the bias query platter k adds to each key
+    row_bias: torch.Tensor  # (N_q,) float32: the per-query constant, added to the log-sum-exp
+    block_mask: object = None
+
+    @classmethod
+    def build(cls, geometry: TorusGeometry, segment: RingSegment, n_queries: int, n_keys: int, device):
+        depth, period, lam = geometry.depth, geometry.period, geometry.lambda_distance
+        # -lam*ring/P with ring = slope*(i - j) + offset splits into
+        # -lam*(slope*i + offset)/P per query and +lam*slope*j/P per key.
+        i = geometry.q_offset + torch.arange(n_queries, device=device, dtype=torch.float64)
+        row_bias = (-lam * (segment.slope * i + segment.offset) / period).float()
+        j = torch.arange(n_keys, device=device, dtype=torch.float64).repeat_interleave(depth)
+        platter = torch.arange(depth, device=device)
+        key_platter = platter.repeat(n_keys)
+        platter_term = -lam * (platter[:, None] - key_platter[None, :]).abs() / depth
+        key_bias = (lam * segment.slope * j / period + platter_term).float()
+
+        def scalar(value):
+            return torch.tensor(value, dtype=torch.int32, device=device)
+
+        band = cls(
+            depth, scalar(geometry.q_offset), scalar(segment.lo), scalar(segment.hi), key_bias, row_bias
+        )
+        band.block_mask = create_block_mask(
+            band.mask_mod(), None, None, n_queries, n_keys * depth, device=device
+        )
+        return band
+
+    def mask_mod(self):
+        depth, q_offset, lo, hi = self.depth, self.q_offset, self.lo, self.hi
+
+        def mod(b, h, q_idx, kv_idx):
+            m = q_offset + q_idx - kv_idx // depth
+            return (m >= lo) & (m <= hi)
+
+        return mod
+
+    def score_mod(self):
+        depth, key_bias = self.depth, self.key_bias
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + key_bias[h % depth, kv_idx].to(score.dtype)
+
+        return mod
+
+
+def _flex_with_lse(q, k, v, score_mod, block_mask, scale):
+    """FlexAttention over query heads grouped on the key heads, with its (natural) log-sum-exp."""
+    flex = _compiled_flex(_static_shapes(q, k, v))
+    if AuxRequest is None:
+        return flex(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True
+        )
+    out, aux = flex(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=True,
+        return_aux=AuxRequest(lse=True),
+    )
+    return out, aux.lse
+
+
+@functools.cache
+def _compiled_merge():
+    # One fused kernel instead of a dozen elementwise passes over the bands' outputs.
+    return torch.compile(_merge, dynamic=False)
+
+
+def _merge(outs, lses):
+    """Combine the bands' outputs by their log-sum-exp; rows no band can see stay zeros."""
+    lse = torch.stack(lses)
+    # A row empty in every band has lse = -inf everywhere; 0 there keeps softmax and its gradient finite.
+    with torch.no_grad():
+        empty = torch.isneginf(lse).all(dim=0)
+    weights = torch.softmax(lse.masked_fill(empty, 0.0), dim=0)
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))
+    return out.to(outs[0].dtype)
 
 
 register(FlexBackend())
