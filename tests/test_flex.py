@@ -187,3 +187,15 @@ def test_banded_path_matches_reference_values_and_gradients(case, monkeypatch):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_first_shapes_compile_statically(monkeypatch):
+    import toroidal.kernels.flex as flex_module
+
+    monkeypatch.setattr(flex_module, "_static_seen", set())
+    monkeypatch.setattr(flex_module, "_STATIC_MAX_SHAPES", 2)
+    tensors = [torch.zeros(1, 1, n, 16, requires_grad=True) for n in (8, 16, 24)]
+    assert [flex_module._static_shapes(t, t, t) for t in tensors] == [True, True, False]
+    assert flex_module._static_shapes(tensors[0], tensors[0], tensors[0])  # a shape seen before stays static
+    with torch.no_grad():
+        assert not flex_module._static_shapes(tensors[0], tensors[0], tensors[0])  # short inference: dynamic

@@ -53,6 +53,7 @@ except ImportError:  # torch < 2.9 returns the log-sum-exp with return_lse=True
 _CACHE_SIZE = 8
 _MIN_CUDA_WIDTH = 16  # the Triton kernel's tl.dot needs head dim >= 16
 _STATIC_MIN_QUERIES = 2048  # query rows from which inference calls compile per shape
+_STATIC_MAX_SHAPES = 16  # then new shapes share one dynamic kernel
 _MAX_SEGMENTS = 4  # causal or not with P >= N needs at most 4 bands
 # Banding needs the log-sum-exp, which the compiled CPU kernel does not return (torch 2.13).
 _BANDED_DEVICES = {"cuda"}
@@ -74,9 +75,23 @@ def _compiled_flex(static: bool = False):
     return torch.compile(flex_attention, dynamic=False if static else None)
 
 
+_static_seen: set[tuple] = set()
+
+
 def _static_shapes(q, k, v) -> bool:
+    """Whether this call compiles for its exact shape (see `_compiled_flex`).
+
+    Only the first `_STATIC_MAX_SHAPES` distinct shapes do: a workload whose lengths keep
+    changing (dynamically padded batches) would otherwise recompile on every new length.
+    """
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return training or q.shape[-2] >= _STATIC_MIN_QUERIES
+    if not (training or q.shape[-2] >= _STATIC_MIN_QUERIES):
+        return False
+    shape = (tuple(q.shape), tuple(k.shape), q.dtype, training)
+    if shape not in _static_seen and len(_static_seen) >= _STATIC_MAX_SHAPES:
+        return False
+    _static_seen.add(shape)
+    return True
 
 
 def _cpu_reason(requires_grad: bool) -> str | None:
