@@ -199,3 +199,33 @@ def test_only_the_first_shapes_compile_statically(monkeypatch):
     assert flex_module._static_shapes(tensors[0], tensors[0], tensors[0])  # a shape seen before stays static
     with torch.no_grad():
         assert not flex_module._static_shapes(tensors[0], tensors[0], tensors[0])  # short inference: dynamic
+
+
+@pytest.mark.parametrize(
+    "n_queries, n_keys, depth, offset, period, causal, window",
+    [
+        (300, 300, 4, 0, 300, True, None),  # lengths that are not multiples of the 128 block
+        (512, 512, 4, 0, 512, False, None),
+        (256, 256, 2, 0, 256, True, 40),
+        (200, 260, 4, 60, 300, False, 70),
+        (64, 600, 3, 536, 700, True, None),  # decoding a chunk at the end of a long cache
+    ],
+)
+def test_band_block_masks_equal_create_block_mask(n_queries, n_keys, depth, offset, period, causal, window):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import toroidal.kernels.flex as flex_module
+
+    def blocks(mask, full):
+        counts, indices = (
+            (mask.full_kv_num_blocks, mask.full_kv_indices) if full else (mask.kv_num_blocks, mask.kv_indices)
+        )
+        return [sorted(row[:count].tolist()) for row, count in zip(indices[0, 0], counts[0, 0], strict=True)]
+
+    geometry = TorusGeometry(depth, period, 0.1, causal, window, offset)
+    for segment in geometry.linear_segments(n_queries, n_keys, limit=4):
+        band = flex_module._Band.build(geometry, segment, n_queries, n_keys, "cpu")
+        expected = create_block_mask(band.mask_mod(), None, None, n_queries, n_keys * depth, device="cpu")
+        assert torch.equal(band.block_mask.to_dense(), expected.to_dense())
+        for full in (False, True):
+            assert blocks(band.block_mask, full) == blocks(expected, full)

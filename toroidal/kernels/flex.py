@@ -283,8 +283,15 @@ class _Band:
         band = cls(
             depth, scalar(geometry.q_offset), scalar(segment.lo), scalar(segment.hi), key_bias, row_bias
         )
-        band.block_mask = create_block_mask(
-            band.mask_mod(), None, None, n_queries, n_keys * depth, device=device
+        band.block_mask = _band_block_mask(
+            n_queries,
+            n_keys * depth,
+            depth,
+            geometry.q_offset,
+            segment.lo,
+            segment.hi,
+            band.mask_mod(),
+            device,
         )
         return band
 
@@ -304,6 +311,37 @@ class _Band:
             return score + key_bias[h % depth, kv_idx].to(score.dtype)
 
         return mod
+
+
+def _band_block_mask(n_queries, n_key_tokens, depth, q_offset, lo, hi, mask_mod, device, block=128):
+    """The BlockMask of lo <= i - j <= hi over (query position, key platter-token), from block corners.
+
+    `create_block_mask` would evaluate `mask_mod` on every pair (N x N*D: gigabytes at N = 32768);
+    a band's blocks are empty, full or partial by the extreme values of i - j inside them.
+    Blocks cut short by the end of a sequence stay partial, as `create_block_mask` leaves them.
+    """
+    q_start = torch.arange(0, n_queries, block, device=device)
+    k_start = torch.arange(0, n_key_tokens, block, device=device)
+    q_stop = torch.clamp(q_start + block, max=n_queries)
+    k_stop = torch.clamp(k_start + block, max=n_key_tokens)
+    m_min = (q_offset + q_start)[:, None] - ((k_stop - 1) // depth)[None, :]
+    m_max = (q_offset + q_stop - 1)[:, None] - (k_start // depth)[None, :]
+    touched = (m_max >= lo) & (m_min <= hi)
+    complete = (q_stop - q_start == block)[:, None] & (k_stop - k_start == block)[None, :]
+    full = (m_min >= lo) & (m_max <= hi) & complete
+
+    def kv_blocks(flags):
+        counts = flags.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *kv_blocks(touched & ~full),
+        *kv_blocks(full),
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(n_queries, n_key_tokens),
+    )
 
 
 def _flex_with_lse(q, k, v, score_mod, block_mask, scale):
