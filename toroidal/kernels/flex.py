@@ -124,13 +124,17 @@ def _everything(b, h, q_idx, kv_idx):
     return q_idx >= 0
 
 
+def _kv_blocks(flags):
+    """(count, indices) per query block of a (..., Q blocks, KV blocks) bool layout, set blocks first."""
+    counts = flags.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, order
+
+
 def _all_partial(block_mask, mask_mod):
     """The same block layout with every non-empty block partial, so `mask_mod` runs on all of them."""
-    dense = block_mask.to_dense().to(torch.int32)
-    order = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
     return BlockMask.from_kv_blocks(
-        dense.sum(dim=-1, dtype=torch.int32),
-        order,
+        *_kv_blocks(block_mask.to_dense().bool()),
         BLOCK_SIZE=block_mask.BLOCK_SIZE,
         mask_mod=mask_mod,
         seq_lengths=block_mask.seq_lengths,
@@ -157,19 +161,26 @@ class FlexBackend(Backend):
             return "flex on CUDA needs triton (it ships with the CUDA builds of torch)"
         return None
 
-    def _plan(self, geometry, lq, lk, device):
-        """(geometry with tensor scalars, its block mask), cached per geometry, shape and device."""
-        key = (geometry, lq, lk, str(device))
+    def _cached(self, key, build):
+        """`build()`, kept for the last `_CACHE_SIZE` keys (geometry, shape and device)."""
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        traced = _traced(geometry, device)
-        blocks = create_block_mask(traced.mask_mod() or _everything, None, None, lq, lk, device=device)
-        self._cache[key] = (traced, blocks)
+        value = self._cache[key] = build()
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
-        return traced, blocks
+        return value
+
+    def _plan(self, geometry, lq, lk, device):
+        """(geometry with tensor scalars, its block mask) of a single call."""
+
+        def build():
+            traced = _traced(geometry, device)
+            mask_mod = traced.mask_mod() or _everything
+            return traced, create_block_mask(mask_mod, None, None, lq, lk, device=device)
+
+        return self._cached((geometry, lq, lk, str(device)), build)
 
     @staticmethod
     def _with_padding(traced, blocks, key_padding):
@@ -240,16 +251,10 @@ class FlexBackend(Backend):
         return out.view(batch, heads, depth, n_queries, width).transpose(2, 3).reshape(q.shape)
 
     def _bands(self, geometry, segments, n_queries, n_keys, device):
-        key = ("bands", geometry, n_queries, n_keys, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        bands = [_Band.build(geometry, segment, n_queries, n_keys, device) for segment in segments]
-        self._cache[key] = bands
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return bands
+        return self._cached(
+            ("bands", geometry, n_queries, n_keys, str(device)),
+            lambda: [_Band.build(geometry, segment, n_queries, n_keys, device) for segment in segments],
+        )
 
 
 @dataclasses.dataclass
@@ -330,14 +335,10 @@ def _band_block_mask(n_queries, n_key_tokens, depth, q_offset, lo, hi, mask_mod,
     complete = (q_stop - q_start == block)[:, None] & (k_stop - k_start == block)[None, :]
     full = (m_min >= lo) & (m_max <= hi) & complete
 
-    def kv_blocks(flags):
-        counts = flags.sum(dim=-1, dtype=torch.int32)
-        order = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None], order[None, None]
-
+    # Leading (batch, head) dimensions of 1: the band is the same for every sequence and head.
     return BlockMask.from_kv_blocks(
-        *kv_blocks(touched & ~full),
-        *kv_blocks(full),
+        *_kv_blocks((touched & ~full)[None, None]),
+        *_kv_blocks(full[None, None]),
         BLOCK_SIZE=block,
         mask_mod=mask_mod,
         seq_lengths=(n_queries, n_key_tokens),
