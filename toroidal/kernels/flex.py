@@ -35,7 +35,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from toroidal.geometry import RingSegment, TorusGeometry
+from toroidal.geometry import RingSegment, TorusGeometry, toroidal_distance
 from toroidal.kernels.base import Backend, BackendUnavailable, register
 
 try:
@@ -278,8 +278,10 @@ class _Band:
         row_bias = (-lam * (segment.slope * i + segment.offset) / period).float()
         j = torch.arange(n_keys, device=device, dtype=torch.float64).repeat_interleave(depth)
         platter = torch.arange(depth, device=device)
+        # The platter part of the torus distance: both positions 0, so ring(0, 0) = 0.
+        same = torch.zeros((), dtype=torch.long, device=device)
         key_platter = platter.repeat(n_keys)
-        platter_term = -lam * (platter[:, None] - key_platter[None, :]).abs() / depth
+        platter_term = -lam * toroidal_distance(same, platter[:, None], same, key_platter, period, depth)
         key_bias = (lam * segment.slope * j / period + platter_term).float()
 
         def scalar(value):
