@@ -123,15 +123,17 @@ def _band(n, lo, hi, form, out):
 @lru_cache(maxsize=64)
 def plan(n: int, period: int, causal: bool) -> tuple[Piece, ...]:
     """The pieces covering every allowed pair of an n-position sequence (requires period >= n)."""
-    half = period // 2
+    # |m| <= near takes the near form. At |m| = P/2 (P even) both forms agree, so it goes to
+    # the far band: with N = P the near band is then exactly N/2 wide (whole, aligned pieces).
+    near = (period - 1) // 2
     out: list[Piece] = []
-    _band(n, 0, half, _NEAR_LOWER, out)
-    if half + 1 <= n - 1:
-        _lower(0, n, 0, n, half + 1, _FAR_LOWER, out)
+    _band(n, 0, near, _NEAR_LOWER, out)
+    if near + 1 <= n - 1:
+        _lower(0, n, 0, n, near + 1, _FAR_LOWER, out)
     if not causal:
-        _band(n, -half, -1, _NEAR_UPPER, out)
-        if half + 1 <= n - 1:
-            _upper(0, n, 0, n, -half - 1, _FAR_UPPER, out)
+        _band(n, -near, -1, _NEAR_UPPER, out)
+        if near + 1 <= n - 1:
+            _upper(0, n, 0, n, -near - 1, _FAR_UPPER, out)
     return tuple(p for p in out if p.q1 > p.q0 and p.k1 > p.k0)
 
 
