@@ -186,6 +186,7 @@ class _Augmented:
             k_parts.append(pad_col[:, None, :, None].expand(b, h, length, 1))
         self.k = torch.cat(k_parts, -1)
         self.v = torch.cat([v, v.new_zeros(b, h, length, n_extra)], -1)
+        self.v_width = w  # v's appended columns are zeros
 
     @property
     def q_minus(self) -> torch.Tensor:
@@ -198,12 +199,21 @@ class _Augmented:
     def tokens(self, start: int, stop: int) -> slice:
         return slice(start * self.depth, stop * self.depth)
 
-    def inputs(self, piece: Piece):
-        """(q, k, v) of a piece in its local (possibly reversed) frame."""
-        q = self.q_plus if piece.sign > 0 else self.q_minus
+    def inputs(self, piece: Piece, signed: bool = True):
+        """(q, k, v) of a piece in its local (possibly reversed) frame.
+
+        `signed=False` takes q_plus whatever the region: the caller copies the rows and
+        calls `sign_ring` on its copy (no full q_minus clone).
+        """
+        q = self.q_plus if piece.sign > 0 or not signed else self.q_minus
         qs, ks = self.tokens(piece.q0, piece.q1), self.tokens(piece.k0, piece.k1)
         parts = (q[:, :, qs], self.k[:, :, ks], self.v[:, :, ks])
         return tuple(t.flip(-2) for t in parts) if piece.flip else parts
+
+    def sign_ring(self, q_rows: torch.Tensor, piece: Piece) -> None:
+        """Give a copy of q_plus rows the piece's ring sign, in place."""
+        if self.lam and piece.sign < 0:
+            q_rows[..., self._ring_col] = -1.0 / self.scale
 
     def row_constant(self, piece: Piece) -> torch.Tensor:
         """c(i) + r(k) of the piece's query platter-tokens (original order)."""
@@ -250,20 +260,29 @@ def _same_position_scores(q, k, depth, scale):
     return s.float().mul_(scale).masked_fill_(below, float("-inf"))  # s is a fresh tensor
 
 
-def _attend(q, k, v, causal: bool, depth: int, scale: float):
-    """(output, log-sum-exp) of full or block-causal attention on aligned platter-tokens."""
+def _attend(q, k, v, causal: bool, depth: int, scale: float, v_width: int | None = None):
+    """(output, log-sum-exp) of full or block-causal attention on aligned platter-tokens.
+
+    `v_width`: how many leading columns of v can be nonzero (None: all).
+    """
     out, lse = _flash_fwd(q, k, v, 0.0, causal, scale=scale)
     if causal and depth > 1:
         b, h, length, dim = q.shape
         n = length // depth
         s = _same_position_scores(q, k, depth, scale)
-        lse_fix = torch.logsumexp(s, dim=-1).reshape(b, h, length)
-        merged = torch.logaddexp(lse, lse_fix)
-        p = s.sub_(merged.reshape(b, h, n, depth, 1)).exp_()
-        # The kernel's output is ours to update in place.
-        out = out.mul_(torch.exp(lse - merged)[..., None].to(out.dtype))
-        _add_pair_rows(out.view(b, h, n, depth, dim), p.to(v.dtype), v.reshape(b, h, n, depth, dim))
-        lse = merged
+        # Merge the kernel's rows with the missed pairs: one exp pass over the pair scores.
+        kernel_lse = lse.view(b, h, n, depth)
+        top = torch.maximum(s.amax(dim=-1), kernel_lse)
+        p = s.sub_(top[..., None]).exp_()
+        kept = torch.exp(kernel_lse - top)
+        total = p.sum(dim=-1).add_(kept)
+        p.div_(total[..., None])
+        # The kernel's output is ours to update in place; v's feature columns are zeros.
+        out = out.mul_(kept.div_(total).view(b, h, length, 1).to(out.dtype))
+        real = v_width or dim
+        out5, v5 = out.view(b, h, n, depth, dim)[..., :real], v.reshape(b, h, n, depth, dim)[..., :real]
+        _add_pair_rows(out5, p.to(v.dtype), v5)
+        lse = top.add_(total.log_()).view(b, h, length)
     return out, lse
 
 
@@ -283,18 +302,19 @@ def _pieces_forward(aug: _Augmented, pieces) -> list:
             for t in (aug.q_plus, aug.k, aug.v)
         ]
         for slot, i in enumerate(squares):
-            for buffer, part in zip(stacked, aug.inputs(pieces[i]), strict=True):
+            for buffer, part in zip(stacked, aug.inputs(pieces[i], signed=False), strict=True):
                 rows = buffer[slot * batch : (slot + 1) * batch]
                 rows[:, :, : part.shape[-2]] = part
                 rows[:, :, part.shape[-2] :] = 0  # only the padding is zeroed (never NaN garbage)
-        out, lse = _attend(*stacked, True, aug.depth, aug.scale)
+            aug.sign_ring(stacked[0][slot * batch : (slot + 1) * batch], pieces[i])
+        out, lse = _attend(*stacked, True, aug.depth, aug.scale, aug.v_width)
         for slot, i in enumerate(squares):
             rows = (pieces[i].q1 - pieces[i].q0) * aug.depth
             chunk = slice(slot * batch, (slot + 1) * batch)
             results[i] = (out[chunk, :, :rows], lse[chunk, :, :rows])
     for i, piece in enumerate(pieces):
         if i not in results:
-            results[i] = _attend(*aug.inputs(piece), piece.causal, aug.depth, aug.scale)
+            results[i] = _attend(*aug.inputs(piece), piece.causal, aug.depth, aug.scale, aug.v_width)
     return [results[i] for i in range(len(pieces))]
 
 
