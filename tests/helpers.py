@@ -2,6 +2,16 @@
 
 import torch
 
+from toroidal.functional import plan_call
+from toroidal.kernels import get_backend
+
+
+def small_cpu_default() -> str:
+    """What `auto` picks for a small CPU forward call with no tuning table: `native` where it builds."""
+    q = torch.zeros(1, 1, 8, 8)
+    native_reason = get_backend("native").unavailable_reason(plan_call(q, q, q, depth=2).request)
+    return "native" if native_reason is None else "sdpa"
+
 
 def assert_one_line_error(result, *fragments: str) -> None:
     """A CliRunner result failed with exactly one stderr line containing every fragment, no traceback."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, small_cpu_default
 from typer.testing import CliRunner
 
 import toroidal.bench as bench
@@ -79,7 +79,9 @@ def test_isolated_sweep_writes_rows_with_every_field(tmp_path):
         )
     ok = [r for r in rows if r["backend"] != "flash2"]
     for row in ok:
-        assert row["status"] == "ok" and row["chosen"] == "sdpa"
+        assert row["status"] == "ok" and row["chosen"] == (
+            small_cpu_default() if row["backend"] == "auto" else "sdpa"
+        )
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         for metric in (
             "tokens_per_s",
@@ -188,7 +190,7 @@ def test_presets_parse():
         flags = {"device": "cpu"}  # the gpu preset on this machine: only its values are checked
         sweep = build_sweep(read_options(name, flags, None))
         assert sweep.cases(), name
-    assert len(build_sweep(read_options("quick", {}, None)).cases()) == 10
+    assert len(build_sweep(read_options("quick", {}, None)).cases()) == 12
 
 
 # --- compare and regressions ------------------------------------------------------------------------------
@@ -285,10 +287,10 @@ def test_bad_yaml_is_a_one_line_error(tmp_path, text, fragment):
 
 def test_chosen_backend_matches_what_auto_picks():
     q = torch.randn(1, 2, 16, 16)
-    assert chosen_backend(q, q, q, depth=2, causal=True) == "sdpa"
+    assert chosen_backend(q, q, q, depth=2, causal=True) == small_cpu_default()
     assert chosen_backend(q, q, q, depth=2, backend="blockwise") == "blockwise"
     case = BenchCase("auto", seq_len=16, depth=2, batch=1, heads=2, d_model=32)
-    assert bench.case_backend(case) == "sdpa"
+    assert bench.case_backend(case) == small_cpu_default()
     with pytest.raises(bench.BackendUnavailable):
         bench.case_backend(BenchCase("flash2", seq_len=16, depth=2, batch=1, heads=2, d_model=32))
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, small_cpu_default
 from typer.testing import CliRunner
 
 from toroidal import toroidal_attention, tuning
@@ -55,7 +55,7 @@ def test_buckets_round_to_the_nearest_power_of_two():
 
 
 def test_round_trip_and_auto_follows_the_table_only_where_it_covers_the_call(use_table):
-    assert selected_backend(*qkv(), **CALL) == "sdpa"  # the built-in default for small calls
+    assert selected_backend(*qkv(), **CALL) == small_cpu_default()  # the built-in default for small calls
     table = table_for("blockwise", tile=16)
     path = use_table(table)
     assert tuning.read_table(path).entries == table.entries
@@ -67,15 +67,15 @@ def test_round_trip_and_auto_follows_the_table_only_where_it_covers_the_call(use
     expected = toroidal_attention(*qkv(), **CALL, backend="reference")
     assert torch.allclose(toroidal_attention(*qkv(), **CALL), expected, atol=1e-5)
     # Other buckets keep the defaults: another length, a training call, another causality.
-    assert selected_backend(*qkv(16), **CALL) == "sdpa"
-    assert selected_backend(*qkv(requires_grad=True), **CALL) == "sdpa"
-    assert selected_backend(*qkv(), **{**CALL, "causal": False}) == "sdpa"
+    assert selected_backend(*qkv(16), **CALL) == small_cpu_default()
+    assert selected_backend(*qkv(requires_grad=True), **CALL) == "sdpa"  # small training: sdpa
+    assert selected_backend(*qkv(), **{**CALL, "causal": False}) == small_cpu_default()
 
 
 @pytest.mark.parametrize("backend", ["flash2", "no-such-backend"])
 def test_entries_whose_backend_cannot_serve_the_call_are_ignored(use_table, backend):
     use_table(table_for(backend))
-    assert selected_backend(*qkv(), **CALL) == "sdpa"
+    assert selected_backend(*qkv(), **CALL) == small_cpu_default()
 
 
 def test_merging_keeps_other_buckets_and_replaces_the_same_one():
@@ -97,10 +97,10 @@ def test_a_corrupt_table_is_an_error_to_read_and_ignored_by_auto_with_one_warnin
         tuning.read_table(path)
     assert str(path) in str(error.value)
     with pytest.warns(TuningTableWarning, match=problem):
-        assert selected_backend(*qkv(), **CALL) == "sdpa"
+        assert selected_backend(*qkv(), **CALL) == small_cpu_default()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same file version warns once
-        assert selected_backend(*qkv(), **CALL) == "sdpa"
+        assert selected_backend(*qkv(), **CALL) == small_cpu_default()
 
 
 def test_a_tile_must_be_a_positive_integer(use_table):

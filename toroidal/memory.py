@@ -121,9 +121,10 @@ def workspace_bytes(backend: str, shape: AttentionShape) -> int:
     if backend == "blockwise":  # a few float32 (tile x tile) score tiles per (batch, head)
         tile = min(BLOCKWISE_TILE, shape.platter_tokens)
         return shape.batch * shape.heads * tile * tile * 4 * 6 * backward
-    if backend == "decomposed":  # augmented q/k copies and the pieces' partial outputs
+    # decomposed (and native's backward, which is decomposed's): augmented copies, pieces' outputs
+    if backend == "decomposed" or (backend == "native" and shape.training):
         return shape.tensor_bytes * 20 * backward
-    return shape.tensor_bytes * 2 * backward  # flex, flash2: outputs and log-sum-exp in float32
+    return shape.tensor_bytes * 2 * backward  # native, flex, flash2: outputs and log-sum-exp in float32
 
 
 def saved_attention_bytes(backend: str, shape: AttentionShape) -> int:

@@ -1,6 +1,6 @@
 """Backends: one file each, one signature (see `base`), a registry and `auto` selection."""
 
-from toroidal.kernels import blockwise, decomposed, flash2, flex, reference, sdpa  # noqa: F401  (registration)
+from toroidal.kernels import blockwise, decomposed, flash2, flex, native, reference, sdpa  # noqa: F401  (registration)
 from toroidal.kernels.base import (
     Backend,
     BackendUnavailable,

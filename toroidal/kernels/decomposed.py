@@ -362,7 +362,7 @@ def _merged_by_rows(aug: _Augmented, pieces) -> dict[tuple[int, int], tuple]:
     return merged
 
 
-def _valid_rows(geometry, key_padding, length):
+def valid_rows(geometry, key_padding, length):
     """(B, 1, L, 1) bool: rows with at least one allowed real key (None when all rows have one)."""
     if key_padding is None:
         return None
@@ -390,7 +390,7 @@ class _DecomposedAttention(torch.autograd.Function):
                 out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
                 lse[:, :, rows] = merged
             first_visit[q0:q1] = False
-        valid = _valid_rows(geometry, key_padding, length)
+        valid = valid_rows(geometry, key_padding, length)
         if valid is not None:
             out = out * valid
         ctx.save_for_backward(q, k, v, out, lse)
@@ -400,27 +400,39 @@ class _DecomposedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        aug = _Augmented(q, k, v, ctx.geometry, ctx.key_padding, ctx.scale)
-        pieces = plan(q.shape[-2] // ctx.geometry.depth, ctx.geometry.period, ctx.geometry.causal)
-        w, dim = q.shape[-1], out.shape[-1]
-        grad = torch.nn.functional.pad(grad, (0, dim - w))
-        if ctx.valid is not None:
-            grad = grad * ctx.valid
-        gq, gk, gv = torch.zeros_like(aug.q_plus), torch.zeros_like(aug.k), torch.zeros_like(aug.v)
-        for piece in pieces:
-            p_lse = lse[:, :, aug.tokens(piece.q0, piece.q1)] - aug.row_constant(piece)
-            local = (
-                _local(grad, piece, aug),
-                _local(out, piece, aug),
-                p_lse.flip(2) if piece.flip else p_lse,
-            )
-            pq, pk, pv = _piece_backward(aug, piece, *local)
-            if piece.flip:
-                pq, pk, pv = pq.flip(2), pk.flip(2), pv.flip(2)
-            gq[:, :, aug.tokens(piece.q0, piece.q1)] += pq
-            gk[:, :, aug.tokens(piece.k0, piece.k1)] += pk
-            gv[:, :, aug.tokens(piece.k0, piece.k1)] += pv
-        return gq[..., :w], gk[..., :w], gv[..., :w], None, None, None
+        grads = backward(q, k, v, out, lse, ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid, grad)
+        return (*grads, None, None, None)
+
+
+def backward(q, k, v, out, lse, geometry, key_padding, scale, valid, grad):
+    """Gradients (q, k, v) of toroidal attention from its output and natural log-sum-exp.
+
+    Each piece reruns the fused kernel's backward with the merged output and log-sum-exp
+    (ring attention's rule), so any forward that returns those two can use it (`native` does).
+    `out` may be the real width or the augmented one (its extra columns are zeros).
+    """
+    aug = _Augmented(q, k, v, geometry, key_padding, scale)
+    pieces = plan(q.shape[-2] // geometry.depth, geometry.period, geometry.causal)
+    w, dim = q.shape[-1], aug.v.shape[-1]
+    grad = torch.nn.functional.pad(grad, (0, dim - w))
+    out = torch.nn.functional.pad(out, (0, dim - out.shape[-1]))
+    if valid is not None:
+        grad = grad * valid
+    gq, gk, gv = torch.zeros_like(aug.q_plus), torch.zeros_like(aug.k), torch.zeros_like(aug.v)
+    for piece in pieces:
+        p_lse = lse[:, :, aug.tokens(piece.q0, piece.q1)] - aug.row_constant(piece)
+        local = (
+            _local(grad, piece, aug),
+            _local(out, piece, aug),
+            p_lse.flip(2) if piece.flip else p_lse,
+        )
+        pq, pk, pv = _piece_backward(aug, piece, *local)
+        if piece.flip:
+            pq, pk, pv = pq.flip(2), pk.flip(2), pv.flip(2)
+        gq[:, :, aug.tokens(piece.q0, piece.q1)] += pq
+        gk[:, :, aug.tokens(piece.k0, piece.k1)] += pk
+        gv[:, :, aug.tokens(piece.k0, piece.k1)] += pv
+    return gq[..., :w], gk[..., :w], gv[..., :w]
 
 
 class DecomposedBackend(Backend):
@@ -447,4 +459,5 @@ class DecomposedBackend(Backend):
         return _DecomposedAttention.apply(q, k, v, geometry, key_padding, scale), None
 
 
-register(DecomposedBackend())
+BACKEND = DecomposedBackend()
+register(BACKEND)

@@ -9,13 +9,17 @@ from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, ba
 # Fastest first, per device type, for large calls; see `_auto_order` for size rules.
 _PREFERENCE = {
     "cuda": ("flash2", "flex", "sdpa", "blockwise", "reference"),
-    "cpu": ("decomposed", "sdpa", "blockwise", "reference"),
+    "cpu": ("native", "decomposed", "sdpa", "blockwise", "reference"),
 }
 # Thresholds in query x key platter-token pairs per (batch, head), measured with `toroidal bench`
-# (B=1, H=8, w=16, causal, 2-core CPU): below SMALL, sdpa's single fused call beats the
-# decomposed pieces' fixed costs (N=256, D=4: 17 ms vs 32 ms; N=1024: 272 ms vs 200 ms).
+# (B=1, H=8, w=16, causal, 2-core CPU). `native`'s forward beat every other CPU backend from
+# N=64 up (N=256, D=4: 3.8 ms vs sdpa 8.0 ms), but its backward is `decomposed`'s: for training
+# up to SMALL_TRAINING sdpa's single fused call wins (N=256: 28 ms vs 35 ms; N=512: 124 vs 91).
+# Up to SMALL, sdpa also beats the decomposed pieces' fixed costs (N=256: 17 ms vs 32 ms;
+# N=1024: 272 ms vs 200 ms), which matters where native cannot be built.
 # Above MATERIALIZE, a materialized (L x L) bias costs more memory than a tiled kernel.
 _SMALL = 2048 * 2048
+_SMALL_TRAINING = 1024 * 2048
 _MATERIALIZE_LIMIT = 8192 * 8192
 
 
@@ -34,7 +38,9 @@ def _auto_order(request: KernelRequest) -> list[str]:
     order = list(_PREFERENCE.get(request.device_type, ("sdpa", "blockwise", "reference")))
     pairs = request.n_queries * request.n_keys * request.geometry.depth**2
     if pairs <= _SMALL:
-        _move(order, "sdpa", before=order[0])
+        small_training = request.requires_grad and pairs <= _SMALL_TRAINING
+        native_wins = request.device_type == "cpu" and not small_training
+        _move(order, "sdpa", before="decomposed" if native_wins else order[0])
     elif pairs > _MATERIALIZE_LIMIT:
         _move(order, "blockwise", before="sdpa")
     return [name for name in order if name in backend_names()]

@@ -1,0 +1,129 @@
+"""The `native` backend: the C++ kernel compiled here, against `reference`, and its build rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toroidal import toroidal_attention
+from toroidal.functional import plan_call, selected_backend
+from toroidal.kernels import BackendUnavailable, get_backend, native
+
+REASON = get_backend("native").unavailable_reason(plan_call(*(torch.zeros(1, 1, 4, 4),) * 3, depth=2).request)
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native kernel unavailable here: {REASON}")
+
+cases = st.fixed_dictionaries(
+    {
+        "n": st.integers(1, 40),
+        "depth": st.sampled_from([1, 2, 3, 4]),
+        "width": st.sampled_from([2, 16, 24]),  # padded to 16, exact, padded to 32
+        "lam": st.sampled_from([0.0, 0.1, 3.0]),
+        "causal": st.booleans(),
+        "extra_period": st.integers(0, 9),
+        "window": st.sampled_from([None, 10**6]),  # decomposed's backward: none, or the whole ring
+        "pad": st.integers(0, 40),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases)
+def test_matches_reference_values_and_gradients(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    shape = (2, 3, c["n"], c["width"] * c["depth"])
+    q, k, v = (torch.randn(shape, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, c["n"], dtype=torch.bool)
+    mask[0, : c["pad"]] = False  # batch 0: leading padding, rows with nothing to see under causality
+    results = []
+    for backend in ("reference", "native"):
+        out = toroidal_attention(
+            q, k, v, depth=c["depth"], lambda_distance=c["lam"], causal=c["causal"], window=c["window"],
+            period=c["n"] + c["extra_period"], key_padding_mask=mask, backend=backend,
+        )  # fmt: skip
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), (q, k, v))
+        results.append((out, *grads))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_long_sequence_crosses_many_key_blocks(causal):
+    # 300 positions x 4 platters = 1200 tokens: several 64-row and 256-key blocks, a ragged last block.
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 300, 64, generator=gen) for _ in range(3))
+    kwargs = dict(depth=4, lambda_distance=0.7, causal=causal, period=311)
+    got = toroidal_attention(q, k, v, backend="native", **kwargs)
+    want = toroidal_attention(q, k, v, backend="reference", **kwargs)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_auto_takes_native_for_inference_and_sdpa_for_small_training():
+    q = torch.randn(1, 2, 64, 64)
+    call = dict(depth=4, lambda_distance=0.1, causal=True)
+    assert selected_backend(q, q, q, **call) == "native"
+    q_train = q.clone().requires_grad_()
+    assert selected_backend(q_train, q_train, q_train, **call) == "sdpa"
+    long = torch.randn(1, 1, 1024, 64, requires_grad=True)
+    assert selected_backend(long, long, long, **call) == "native"
+
+
+def test_calls_native_cannot_serve_say_why():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(BackendUnavailable, match="native needs period >= sequence length"):
+        toroidal_attention(q, q, q, depth=2, period=4, backend="native")
+    with pytest.raises(BackendUnavailable, match="native needs float32"):
+        toroidal_attention(q.double(), q.double(), q.double(), depth=2, backend="native")
+
+
+def test_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("TOROIDAL_NATIVE", "0")
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(BackendUnavailable, match="TOROIDAL_NATIVE=0"):
+        toroidal_attention(q, q, q, depth=2, backend="native")
+    assert selected_backend(q, q, q, depth=2) != "native"
+
+
+def test_builds_are_cached_by_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOROIDAL_KERNEL_CACHE", str(tmp_path))
+    first = native._build(16)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native._build(16) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert native._build(32) != first  # one library per padded width
+    assert not list(tmp_path.glob("tmp*"))  # no half-written files left behind
+
+
+def test_a_missing_or_failing_compiler_is_one_clear_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOROIDAL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.raises(native.BuildError, match="needs a C.. compiler"):
+        native._build(16)
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'fatal error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(native, "_compiler", lambda: str(broken))
+    with pytest.raises(
+        native.BuildError, match="compiling the native kernel failed: fatal error: no such thing"
+    ):
+        native._build(16)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_process_forked_after_a_call_can_still_call():
+    # An OpenMP thread pool would hang here: bench workers and data loaders fork.
+    import os
+    import signal
+
+    q = torch.randn(1, 2, 64, 64)
+    call = dict(depth=4, causal=True, lambda_distance=0.1, backend="native")
+    expected = toroidal_attention(q, q, q, **call)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the call returns the same values within 30 s
+        signal.alarm(30)
+        os._exit(0 if torch.equal(toroidal_attention(q, q, q, **call), expected) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
