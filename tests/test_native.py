@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,27 +23,30 @@ cases = st.fixed_dictionaries(
         "width": st.sampled_from([2, 16, 24]),  # padded to 16, exact, padded to 32
         "lam": st.sampled_from([0.0, 0.1, 3.0]),
         "causal": st.booleans(),
-        "extra_period": st.integers(0, 9),
-        "window": st.sampled_from([None, 10**6]),  # decomposed's backward: none, or the whole ring
+        "period_change": st.integers(-30, 9),  # periods shorter than the sequence wrap it
+        "window": st.sampled_from([None, 0, 1, 3, 10**6]),
+        "queries": st.integers(0, 6),  # 0: a full pass; else the last few positions, as when decoding
         "pad": st.integers(0, 40),
         "seed": st.integers(0, 2**16),
     }
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(cases)
 def test_matches_reference_values_and_gradients(c):
     gen = torch.Generator().manual_seed(c["seed"])
-    shape = (2, 3, c["n"], c["width"] * c["depth"])
-    q, k, v = (torch.randn(shape, generator=gen, requires_grad=True) for _ in range(3))
-    mask = torch.ones(2, c["n"], dtype=torch.bool)
+    n, n_q = c["n"], min(c["queries"], c["n"]) or c["n"]
+    e = c["width"] * c["depth"]
+    k, v = (torch.randn(2, 3, n, e, generator=gen, requires_grad=True) for _ in range(2))
+    q = torch.randn(2, 3, n_q, e, generator=gen, requires_grad=True)
+    mask = torch.ones(2, n, dtype=torch.bool)
     mask[0, : c["pad"]] = False  # batch 0: leading padding, rows with nothing to see under causality
     results = []
     for backend in ("reference", "native"):
         out = toroidal_attention(
             q, k, v, depth=c["depth"], lambda_distance=c["lam"], causal=c["causal"], window=c["window"],
-            period=c["n"] + c["extra_period"], key_padding_mask=mask, backend=backend,
+            period=max(1, n + c["period_change"]), key_padding_mask=mask, q_offset=n - n_q, backend=backend,
         )  # fmt: skip
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), (q, k, v))
         results.append((out, *grads))
@@ -50,15 +55,23 @@ def test_matches_reference_values_and_gradients(c):
         assert (got - want).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_a_long_sequence_crosses_many_key_blocks(causal):
-    # 300 positions x 4 platters = 1200 tokens: several 64-row and 256-key blocks, a ragged last block.
+@pytest.mark.parametrize(
+    "causal, window, period",
+    [(True, None, 311), (False, None, 311), (True, 37, 300), (False, 37, 128)],
+    ids=["causal", "full", "causal-window", "wrapping-window"],
+)
+def test_a_long_sequence_crosses_many_blocks(causal, window, period):
+    # 300 positions x 4 platters = 1200 tokens: several 64-row and 256-key blocks, a ragged last
+    # block, and with a window, blocks the kernels skip.
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 300, 64, generator=gen) for _ in range(3))
-    kwargs = dict(depth=4, lambda_distance=0.7, causal=causal, period=311)
-    got = toroidal_attention(q, k, v, backend="native", **kwargs)
-    want = toroidal_attention(q, k, v, backend="reference", **kwargs)
-    assert (got - want).abs().max() <= 1e-5
+    q, k, v = (torch.randn(1, 2, 300, 64, generator=gen, requires_grad=True) for _ in range(3))
+    kwargs = dict(depth=4, lambda_distance=0.7, causal=causal, period=period, window=window)
+    results = []
+    for backend in ("native", "reference"):
+        out = toroidal_attention(q, k, v, backend=backend, **kwargs)
+        results.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v))))
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() <= 2e-5
 
 
 def test_auto_takes_native_for_inference_and_sdpa_for_small_training():
@@ -73,10 +86,12 @@ def test_auto_takes_native_for_inference_and_sdpa_for_small_training():
 
 def test_calls_native_cannot_serve_say_why():
     q = torch.randn(1, 1, 8, 4)
-    with pytest.raises(BackendUnavailable, match="native needs period >= sequence length"):
-        toroidal_attention(q, q, q, depth=2, period=4, backend="native")
     with pytest.raises(BackendUnavailable, match="native needs float32"):
         toroidal_attention(q.double(), q.double(), q.double(), depth=2, backend="native")
+    with pytest.raises(BackendUnavailable, match="native does not materialize weights"):
+        toroidal_attention(q, q, q, depth=2, backend="native", return_weights=True)
+    huge = dataclasses.replace(plan_call(q, q, q, depth=2).request, n_keys=2**24 + 1)
+    assert "positions below 2**24" in get_backend("native").unavailable_reason(huge)
 
 
 def test_turned_off_by_environment(monkeypatch):

@@ -121,9 +121,10 @@ def workspace_bytes(backend: str, shape: AttentionShape) -> int:
     if backend == "blockwise":  # a few float32 (tile x tile) score tiles per (batch, head)
         tile = min(BLOCKWISE_TILE, shape.platter_tokens)
         return shape.batch * shape.heads * tile * tile * 4 * 6 * backward
-    # decomposed (and native's backward, which is decomposed's): augmented copies, pieces' outputs
-    if backend == "decomposed" or (backend == "native" and shape.training):
+    if backend == "decomposed":  # augmented copies, pieces' outputs
         return shape.tensor_bytes * 20 * backward
+    if backend == "native" and shape.training:  # width-padded copies, dq shares, dk, dv
+        return shape.tensor_bytes * 8
     return shape.tensor_bytes * 2 * backward  # native, flex, flash2: outputs and log-sum-exp in float32
 
 

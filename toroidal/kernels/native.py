@@ -1,4 +1,4 @@
-"""`native`: a fused C++ kernel for the CPU forward, compiled for this machine on first use.
+"""`native`: fused C++ CPU kernels (forward and backward), compiled for this machine on first use.
 
 PyTorch's fused CPU kernel has no bias input, so `decomposed` appends 4 bias features to
 each platter (width 16 -> 20), which costs about 1.37x plain SDPA on its own. This kernel
@@ -9,8 +9,9 @@ faster than plain causal SDPA on the same tokens. It is compiled with the system
 `~/.cache/toroidal/kernels`). Without a working compiler the backend says why and `auto`
 uses `decomposed`. Set `TOROIDAL_NATIVE=0` to turn it off.
 
-The backward pass is `decomposed`'s (it needs only the output and the log-sum-exp), so
-`native` serves the calls `decomposed` serves.
+The backward is flash attention's, in the same file: it recomputes the scores from the saved
+log-sum-exp. Both handle every rule of the geometry (any window, periods shorter than the
+sequence, a KV-cache query offset, padding) and skip key blocks the window rules out.
 """
 
 from __future__ import annotations
@@ -29,18 +30,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toroidal.kernels import decomposed
 from toroidal.kernels.base import Backend, BackendUnavailable, register
 
 _SOURCE = Path(__file__).with_name("csrc") / "torus_cpu.cpp"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-pthread", "-fno-math-errno", "-shared", "-fPIC")
 _LANES = 16
+_KEY_BLOCK = 256  # KB in the source: keys per block of the backward's tasks
 _COMPILE_SECONDS = 180
-_ARGTYPES = (
-    [ctypes.c_void_p] * 6  # q, k, v, keep, out, lse
-    + [ctypes.c_int64] * 4  # rows (B*H), length, depth, heads
+_GEOMETRY_ARGS = (
+    [ctypes.c_int64] * 6  # rows (B*H), query length, key length, depth, heads, query offset
     + [ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-)
+)  # period, lambda, causal, window (-1: none), scale, threads
+_FORWARD_ARGS = [ctypes.c_void_p] * 6 + _GEOMETRY_ARGS  # q, k, v, keep, out, lse
+_BACKWARD_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int64] + _GEOMETRY_ARGS
+# q, k, v, keep, grad, lse, delta, dq parts, dk, dv; dq parts per head
+# Positions are exact in float32 up to 2**24.
+_MAX_POSITIONS = 2**24
 
 
 class BuildError(RuntimeError):
@@ -120,8 +125,8 @@ def _library(width: int):
         return BuildError(f"loading the native kernel failed: {exc}")
     except BuildError as exc:
         return exc
-    lib.torus_forward.argtypes = _ARGTYPES
-    lib.torus_forward.restype = None
+    lib.torus_forward.argtypes, lib.torus_forward.restype = _FORWARD_ARGS, None
+    lib.torus_backward.argtypes, lib.torus_backward.restype = _BACKWARD_ARGS, None
     return lib
 
 
@@ -129,63 +134,108 @@ def _padded_width(width: int) -> int:
     return -(-width // _LANES) * _LANES
 
 
-def _kernel(width: int):
+def _library_for(width: int):
     lib = _library(_padded_width(width))
     if isinstance(lib, BuildError):
         raise BackendUnavailable(f"backend 'native' unavailable: {lib}")
-    return lib.torus_forward
+    return lib
 
 
-def forward_with_lse(q, k, v, geometry, key_padding, scale):
-    """(output, natural log-sum-exp) of toroidal attention on platter-tokens (B, H, L, w).
-
-    Rows with no key to attend come back as zeros with log-sum-exp -inf.
-    """
-    batch, heads, length, width = q.shape
+def _padded(tensors, width):
     padded = _padded_width(width)
-    q, k, v = (F.pad(t, (0, padded - width)) if padded != width else t for t in (q, k, v))
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    keep = None if key_padding is None else key_padding.to(torch.uint8).contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, length, dtype=torch.float32)
-    _kernel(width)(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if keep is None else keep.data_ptr(),
-        out.data_ptr(), lse.data_ptr(), batch * heads, length, geometry.depth, heads, geometry.period,
+    return [(F.pad(t, (0, padded - width)) if padded != width else t).contiguous() for t in tensors]
+
+
+def _geometry_args(q, k, geometry, scale):
+    batch, heads, lq, _ = q.shape
+    return (
+        batch * heads, lq, k.shape[-2], geometry.depth, heads, geometry.q_offset, geometry.period,
         float(geometry.lambda_distance), int(geometry.causal),
         -1 if geometry.window is None else geometry.window, float(scale), torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _keep(key_padding):
+    return None if key_padding is None else key_padding.to(torch.uint8).contiguous()
+
+
+def _pointer(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def forward_with_lse(q, k, v, geometry, key_padding, scale):
+    """(output, natural log-sum-exp) of toroidal attention on platter-tokens q (B, H, Lq, w), k and v
+    (B, H, Lk, w).
+
+    Rows with no key to attend come back as zeros with log-sum-exp -inf.
+    """
+    batch, heads, lq, width = q.shape
+    q, k, v = _padded((q, k, v), width)
+    keep = _keep(key_padding)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, lq, dtype=torch.float32)
+    _library_for(width).torus_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep), out.data_ptr(), lse.data_ptr(),
+        *_geometry_args(q, k, geometry, scale),
+    )  # fmt: skip
     return out[..., :width], lse
+
+
+def _dq_parts(rows: int, key_blocks: int) -> int:
+    """Key-block shares per (batch, head): enough tasks for every thread, each share with its own dq."""
+    threads = torch.get_num_threads()
+    return max(1, min(key_blocks, -(-2 * threads // rows))) if threads > 1 else 1
+
+
+def backward(q, k, v, out, lse, grad, geometry, key_padding, scale):
+    """Gradients (q, k, v) from the forward's output and log-sum-exp (flash attention's backward)."""
+    batch, heads, lq, width = q.shape
+    delta = (grad.float() * out).sum(-1).contiguous()  # rowsum(dO * O): the softmax's Jacobian term
+    q, k, v, grad = _padded((q, k, v, grad), width)
+    keep = _keep(key_padding)
+    parts = _dq_parts(batch * heads, -(-k.shape[-2] // _KEY_BLOCK))
+    dq = torch.zeros(batch, heads, parts, lq, q.shape[-1])
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _library_for(width).torus_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep), grad.data_ptr(),
+        lse.contiguous().data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), parts,
+        *_geometry_args(q, k, geometry, scale),
+    )  # fmt: skip
+    dq = dq[:, :, 0] if parts == 1 else dq.sum(dim=2)
+    return dq[..., :width], dk[..., :width], dv[..., :width]
 
 
 class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, geometry, key_padding, scale):
         out, lse = forward_with_lse(q, k, v, geometry, key_padding, scale)
-        valid = decomposed.valid_rows(geometry, key_padding, q.shape[-2])
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid = geometry, key_padding, scale, valid
+        ctx.geometry, ctx.key_padding, ctx.scale = geometry, key_padding, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        # Rows with nothing to attend have lse = -inf and a zero gradient; any finite lse does.
-        lse = lse.masked_fill(torch.isneginf(lse), 0.0)
-        geometry, padding, scale, valid = ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid
-        grads = decomposed.backward(q, k, v, out, lse, geometry, padding, scale, valid, grad)
+        grads = backward(q, k, v, out, lse, grad, ctx.geometry, ctx.key_padding, ctx.scale)
         return (*grads, None, None, None)
 
 
 class NativeBackend(Backend):
     name = "native"
-    description = "fused C++ CPU kernel, torus bias per score (compiled on first use); decomposed's backward"
+    description = "fused C++ CPU kernels, torus bias per score (compiled on first use)"
 
     def unavailable_reason(self, request):
         if os.environ.get("TOROIDAL_NATIVE", "1") == "0":
             return "native is turned off by TOROIDAL_NATIVE=0"
-        reason = decomposed.BACKEND.unavailable_reason(request)
-        if reason is not None:
-            return reason.replace("decomposed", "native")
+        if request.device_type != "cpu":
+            return "native runs on CPU only (its kernel is compiled C++)"
+        if request.dtype != torch.float32:
+            return "native needs float32"
+        if request.need_weights:
+            return "native does not materialize weights; use backend='reference'"
+        reach = request.geometry.q_offset + max(request.n_queries, request.n_keys)
+        if reach > _MAX_POSITIONS:
+            return f"native needs positions below 2**24 (float32 exact), this call reaches {reach}"
         lib = _library(_LANES)  # one width compiled tells whether this machine can build the kernel
         return str(lib) if isinstance(lib, BuildError) else None
 

@@ -12,14 +12,14 @@ _PREFERENCE = {
     "cpu": ("native", "decomposed", "sdpa", "blockwise", "reference"),
 }
 # Thresholds in query x key platter-token pairs per (batch, head), measured with `toroidal bench`
-# (B=1, H=8, w=16, causal, 2-core CPU). `native`'s forward beat every other CPU backend from
-# N=64 up (N=256, D=4: 3.8 ms vs sdpa 8.0 ms), but its backward is `decomposed`'s: for training
-# up to SMALL_TRAINING sdpa's single fused call wins (N=256: 28 ms vs 35 ms; N=512: 124 vs 91).
+# (B=1, H=8, w=16, causal, D=4, 2-core CPU). `native` beat every other CPU backend from N=64 up
+# in the forward (N=64: 0.64 ms vs sdpa 0.78; N=256: 3.4 vs 6.9), and in training from N=128
+# (5.4 ms vs 7.4; N=96: 3.4 vs 3.4; N=64: 2.3 vs 2.0), so up to SMALL_TRAINING sdpa trains.
 # Up to SMALL, sdpa also beats the decomposed pieces' fixed costs (N=256: 17 ms vs 32 ms;
 # N=1024: 272 ms vs 200 ms), which matters where native cannot be built.
 # Above MATERIALIZE, a materialized (L x L) bias costs more memory than a tiled kernel.
 _SMALL = 2048 * 2048
-_SMALL_TRAINING = 1024 * 2048
+_SMALL_TRAINING = 384 * 384
 _MATERIALIZE_LIMIT = 8192 * 8192
 
 

@@ -1,17 +1,21 @@
-// Fused toroidal attention forward for the CPU (float32), compiled on first use by
+// Fused toroidal attention for the CPU (float32): forward and backward, compiled on first use by
 // toroidal/kernels/native.py with -DWIDTH=<platter width, a multiple of 16>.
 //
-// Layout: q, k, v, out are (BH, L, WIDTH) contiguous, platter-token t = position * depth + platter;
-// lse is (BH, L); keep is (B, L) bytes (1 = real key) or null. The bias is the one definition,
-// -lambda * (ring(i, j) / P + |k - l| / D), computed per score: with P >= N (checked by the caller)
-// |i - j| < P, so ring = min(|i - j|, P - |i - j|) needs no modulo. Masks: causal at position level
-// (j <= i: every platter of the query's own position is visible), the circular window, padding.
+// Layout: q, dq are (BH, Lq, WIDTH), k, v, dk, dv (BH, Lk, WIDTH), all contiguous; platter-token
+// t = position * depth + platter, and query row r sits at position q_offset + r / depth (q_offset
+// > 0 when decoding with a KV cache). lse is (BH, Lq); keep is (B, Lk) bytes (1 = real key) or
+// null. The bias is the one definition, -lambda * (ring(i, j) / P + |k - l| / D), computed per
+// score: ring = min(m, P - m) with m = |i - j| mod P (the modulo only when some |i - j| can reach
+// P). Masks: causal at position level (j <= i: every platter of the query's own position is
+// visible), the circular window, padding. Whole blocks outside the window are skipped.
 //
-// One task is a block of QB query rows against key blocks of KB keys (flash attention's online
-// softmax); `threads` workers (plain threads, joined before returning: an OpenMP pool would
-// hang a process forked after it ran) take tasks from a shared counter, longest rows first. Inside, R rows at a time: scores for 16 keys per vector (K transposed per key block),
-// one exp pass, then P.V with each value row loaded once for the R rows. GCC vector extensions
-// compile to AVX-512, AVX2 or NEON by -march=native.
+// Forward: a task is a block of QB query rows against key blocks of KB keys (flash attention's
+// online softmax). Backward: a task is one head's share of its key blocks, which owns their dk and
+// dv; its dq goes to its own slice of dq_parts, summed by the caller. Workers are plain threads
+// started per call (an OpenMP pool would hang a process forked after it ran), taking tasks from a
+// shared counter (see run_tasks). Inside, R rows at a time: scores for 16 keys per vector (K transposed per
+// key block), then products with each key or value row loaded once for the R rows. GCC vector
+// extensions compile to AVX-512, AVX2 or NEON by -march=native.
 
 #include <math.h>
 #include <stdint.h>
@@ -19,8 +23,11 @@
 #include <string.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <thread>
-#include <vector>
 
 #ifndef WIDTH
 #define WIDTH 16
@@ -44,6 +51,7 @@ static inline vec vmin(vec a, vec b) { return a < b ? a : b; }
 static inline vec vabs(vec a) { return a < 0 ? -a : a; }
 static inline vec load(const float* p) { vec x; memcpy(&x, p, sizeof x); return x; }
 static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
+static inline vec truncated(vec x) { return __builtin_convertvector(__builtin_convertvector(x, ivec), vec); }
 
 static inline float hmax(vec a) {
     float m = a[0];
@@ -57,14 +65,14 @@ static inline float hsum(vec a) {
     return s;
 }
 
-// exp(x) for x <= 0 (scores minus their running max): 2^n * e^r with |r| <= ln(2)/2, a degree-6
-// Taylor polynomial for e^r (relative error ~2e-7), 2^n from the exponent bits. Below -87 the
-// result is clamped near FLT_MIN; masked scores are zeroed by the caller.
+// exp(x) for x <= 0 (scores minus their running max or log-sum-exp): 2^n * e^r with
+// |r| <= ln(2)/2, a degree-6 Taylor polynomial for e^r (relative error ~2e-7), 2^n from the
+// exponent bits. Below -87 the result is clamped near FLT_MIN; masked scores are zeroed by the caller.
 static inline vec exp_nonpositive(vec x) {
     x = vmax(x, splat(-87.0f));
     vec n = x * splat(1.44269504088896341f) + splat(0.5f);
-    vec whole = __builtin_convertvector(__builtin_convertvector(n, ivec), vec);  // rounds toward 0
-    whole = whole > n ? whole - splat(1.0f) : whole;                           // floor
+    vec whole = truncated(n);                            // rounds toward 0
+    whole = whole > n ? whole - splat(1.0f) : whole;    // floor
     vec r = x - whole * splat(0.693145751953125f) - whole * splat(1.428606765330187045e-06f);
     vec p = splat(1.0f / 720.0f);
     p = p * r + splat(1.0f / 120.0f);
@@ -80,42 +88,88 @@ static inline vec exp_nonpositive(vec x) {
 }
 
 struct Geometry {
-    int64_t length, depth, heads;  // heads per batch entry: row h of BH belongs to batch h / heads
+    int64_t lq, lk, depth, heads, q_offset;  // heads per batch entry: row h of BH is batch h / heads
     float period, lam_p, lam_d, window, scale;  // window < 0: none
     int causal;
 };
 
-// Per key block: K transposed (WIDTH x KB), each key's position and platter; keys past the end
-// of the sequence or padded get position +inf, which every mask below rejects.
-static void load_keys(const float* kh, const uint8_t* keep, const Geometry& g, int64_t t0, int64_t nt,
-                      float* kt, float* pos, float* platter) {
+// The geometry as vectors, for the score loops.
+struct Rules {
+    vec period, lam_p, lam_d, window, rejected_pos, minus_inf;
+    bool causal, windowed;
+    explicit Rules(const Geometry& g)
+        : period(splat(g.period)), lam_p(splat(g.lam_p)), lam_d(splat(g.lam_d)), window(splat(g.window)),
+          rejected_pos(splat(INFINITY)), minus_inf(splat(-INFINITY)), causal(g.causal), windowed(g.window >= 0) {}
+};
+
+// Biased score of one query row (position fi, platter fk) against 16 keys (positions j, platters l),
+// or -inf where a rule rejects the key. Rejected keys carry position +inf.
+template <bool WRAP>
+static inline vec biased(vec dot, float fi, float fk, vec j, vec l, const Rules& c) {
+    auto missing = j == c.rejected_pos;
+    vec m = vabs(splat(fi) - j);
+    if (WRAP) {  // |i - j| can reach P: reduce it (missing keys get 0 so the conversion stays in range)
+        m = missing ? splat(0.f) : m;
+        m = m - truncated(m / c.period) * c.period;
+        m = m < 0 ? m + c.period : m;
+        m = m >= c.period ? m - c.period : m;
+    }
+    vec ring = vmin(m, c.period - m);
+    vec val = dot - c.lam_p * ring - c.lam_d * vabs(splat(fk) - l);
+    auto rejected = missing;
+    if (c.causal) rejected = rejected | (j > splat(fi));
+    if (c.windowed) rejected = rejected | (ring > c.window);
+    return rejected ? c.minus_inf : val;
+}
+
+// Can any query at positions [q0, q1] see any key at positions [k0, k1]? False only when certain.
+static bool visible(const Geometry& g, float q0, float q1, float k0, float k1) {
+    if (g.causal && k0 > q1) return false;
+    if (g.window < 0) return true;
+    // Distances |i - j| between the ranges (i >= j only, under the causal rule).
+    float lo = g.causal ? fmaxf(0.f, q0 - k1) : fmaxf(0.f, fmaxf(k0 - q1, q0 - k1));
+    float hi = g.causal ? q1 - k0 : fmaxf(q1 - k0, k1 - q0);
+    if (hi >= g.period) return true;  // they wrap: no cheap bound
+    return fminf(lo, g.period - hi) <= g.window;
+}
+
+static inline float query_pos(const Geometry& g, int64_t row) { return (float)(g.q_offset + row / g.depth); }
+
+// Per key block: K transposed (WIDTH x KB), each key's position and platter; keys past the block's
+// end or padded get position +inf, which every rule rejects. With vt, V transposed as well.
+static void load_keys(const float* kh, const float* vh, const uint8_t* keep, const Geometry& g, int64_t t0,
+                      int64_t nt, float* kt, float* vt, float* pos, float* platter) {
     int64_t padded = (nt + LANES - 1) / LANES * LANES;
     for (int64_t t = 0; t < padded; t++) {
         int real = t < nt && (keep == nullptr || keep[t0 + t]);
         for (int d = 0; d < WIDTH; d++) kt[d * KB + t] = t < nt ? kh[(t0 + t) * WIDTH + d] : 0.f;
+        if (vt)
+            for (int d = 0; d < WIDTH; d++) vt[d * KB + t] = t < nt ? vh[(t0 + t) * WIDTH + d] : 0.f;
         pos[t] = real ? (float)((t0 + t) / g.depth) : INFINITY;
         platter[t] = (float)((t0 + t) % g.depth);
     }
 }
 
-// Scores of R query rows against the key block, biased and masked, into s (R x KB); returns maxima.
-// Everything read in the loop is copied to locals first: stores to s could otherwise alias it.
-static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float* __restrict__ row_pos,
-                              const float* __restrict__ row_platter, const float* __restrict__ kt,
-                              const float* __restrict__ pos, const float* __restrict__ platter,
-                              int64_t padded, const Geometry& g, float* __restrict__ s,
-                              float* __restrict__ row_max) {
-    const vec period = splat(g.period), lam_p = splat(g.lam_p), lam_d = splat(g.lam_d);
-    const vec window = splat(g.window), rejected_pos = splat(INFINITY), minus_inf = splat(-INFINITY);
-    const bool causal = g.causal, windowed = g.window >= 0;
-    // Row positions stay scalars (broadcast per use): R more vectors would spill registers.
-    float fi[R], fk[R];
-    vec best[R];
+// R query rows starting at r (spare rows repeat the last real one): scaled q, positions, platters.
+static int load_rows(const float* qh, const Geometry& g, int64_t r, int64_t r_end, float (*qs)[WIDTH],
+                     float* fi, float* fk, int64_t* row) {
     for (int a = 0; a < R; a++) {
-        fi[a] = row_pos[a];
-        fk[a] = row_platter[a];
-        best[a] = minus_inf;
+        row[a] = r + a < r_end ? r + a : r_end - 1;
+        for (int d = 0; d < WIDTH; d++) qs[a][d] = qh[row[a] * WIDTH + d] * g.scale;
+        fi[a] = query_pos(g, row[a]);
+        fk[a] = (float)(row[a] % g.depth);
     }
+    return r_end - r < R ? (int)(r_end - r) : R;
+}
+
+// Scores of R rows against the key block, biased and masked, into s (R x KB); returns maxima.
+template <bool WRAP>
+static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float* fi, const float* fk,
+                              const float* __restrict__ kt, const float* __restrict__ pos,
+                              const float* __restrict__ platter, int64_t padded, const Rules& c,
+                              float* __restrict__ s, float* __restrict__ row_max) {
+    vec best[R];
+    for (int a = 0; a < R; a++) best[a] = c.minus_inf;
     for (int64_t t = 0; t < padded; t += LANES) {
         vec acc[R];
         for (int a = 0; a < R; a++) acc[a] = splat(0.f);
@@ -125,13 +179,7 @@ static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float
         }
         vec j = load(pos + t), l = load(platter + t);
         for (int a = 0; a < R; a++) {
-            vec dist = vabs(splat(fi[a]) - j);  // inf for rejected keys
-            vec ring = vmin(dist, period - dist);
-            vec val = acc[a] - lam_p * ring - lam_d * vabs(splat(fk[a]) - l);
-            auto rejected = j == rejected_pos;
-            if (causal) rejected = rejected | (j > splat(fi[a]));
-            if (windowed) rejected = rejected | (ring > window);
-            val = rejected ? minus_inf : val;
+            vec val = biased<WRAP>(acc[a], fi[a], fk[a], j, l, c);
             store(s + a * KB + t, val);
             best[a] = vmax(best[a], val);
         }
@@ -139,96 +187,269 @@ static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float
     for (int a = 0; a < R; a++) row_max[a] = hmax(best[a]);
 }
 
-extern "C" void torus_forward(const float* q, const float* k, const float* v, const uint8_t* keep,
-                              float* out, float* lse, int64_t bh, int64_t length, int64_t depth,
-                              int64_t heads, int64_t period, float lam, int causal, int64_t window,
-                              float scale, int threads) {
-    Geometry g = {length, depth, heads, (float)period, lam / (float)period, lam / (float)depth,
-                  window < 0 ? -1.f : (float)window, scale, causal};
-    const int64_t n_blocks = (length + QB - 1) / QB;
-    std::atomic<int64_t> next_task{0};
-    auto worker = [&]() {
-        float* kt = (float*)aligned_alloc(64, sizeof(float) * WIDTH * KB);
-        float* s = (float*)aligned_alloc(64, sizeof(float) * R * KB);
-        float* pos = (float*)aligned_alloc(64, sizeof(float) * KB);
-        float* platter = (float*)aligned_alloc(64, sizeof(float) * KB);
+// o[a] += sum over the block's nt keys of w[a][t] * x[t] (x: the block's rows of v or k).
+static inline void weighted_rows(const float* __restrict__ w, const float* __restrict__ x, int64_t nt,
+                                 vec (*o)[NV]) {
+    for (int64_t t = 0; t < nt; t++) {
+        vec xt[NV];
+        for (int c = 0; c < NV; c++) xt[c] = load(x + t * WIDTH + c * LANES);
+        for (int a = 0; a < R; a++) {
+            vec p = splat(w[a * KB + t]);
+            for (int c = 0; c < NV; c++) o[a][c] += p * xt[c];
+        }
+    }
+}
+
+// Runs task(0 .. n_tasks - 1) on this thread and up to threads - 1 helpers, returning when every
+// task has run. Helpers are detached and never waited for: one that starts late (its core busy,
+// e.g. with PyTorch's OpenMP workers still spinning after their last op) finds no task left and
+// exits, touching only the shared state it co-owns, instead of holding up the call.
+struct TaskQueue {
+    std::atomic<int64_t> next{0};
+    int64_t n_tasks, done = 0;
+    std::function<void(int64_t)> task;
+    std::mutex lock;
+    std::condition_variable finished;
+
+    void work() {
+        for (int64_t i = next++; i < n_tasks; i = next++) {
+            task(i);
+            std::lock_guard<std::mutex> hold(lock);
+            if (++done == n_tasks) finished.notify_all();
+        }
+    }
+};
+
+static void run_tasks(int64_t n_tasks, int threads, std::function<void(int64_t)> task) {
+    auto queue = std::make_shared<TaskQueue>();
+    queue->n_tasks = n_tasks;
+    queue->task = std::move(task);
+    for (int i = 1; i < threads && i < n_tasks; i++) std::thread([queue] { queue->work(); }).detach();
+    queue->work();
+    std::unique_lock<std::mutex> hold(queue->lock);
+    queue->finished.wait(hold, [&] { return queue->done == n_tasks; });
+}
+
+// One task's buffers, 64-byte aligned: transposed keys and values, scores, key positions and
+// platters, and (backward) the key block's dk and dv, transposed.
+struct Scratch {
+    float *kt, *vt, *s, *ds, *pos, *platter, *dkt, *dvt;
+    Scratch() {
+        kt = alloc(WIDTH * KB), vt = alloc(WIDTH * KB), s = alloc(R * KB), ds = alloc(R * KB);
+        pos = alloc(KB), platter = alloc(KB), dkt = alloc(WIDTH * KB), dvt = alloc(WIDTH * KB);
+    }
+    ~Scratch() {
+        for (float* p : {kt, vt, s, ds, pos, platter, dkt, dvt}) free(p);
+    }
+    static float* alloc(int64_t n) { return (float*)aligned_alloc(64, sizeof(float) * n); }
+};
+
+// The last key (exclusive) any of rows [r0, r1) may see under the causal rule.
+static int64_t causal_end(const Geometry& g, int64_t r1) {
+    int64_t last = ((int64_t)query_pos(g, r1 - 1) + 1) * g.depth;
+    return g.causal && last < g.lk ? last : g.lk;
+}
+
+template <bool WRAP>
+static void forward(const float* q, const float* k, const float* v, const uint8_t* keep, float* out, float* lse,
+                    int64_t bh, const Geometry& g, int threads) {
+    const Rules c(g);
+    const int64_t n_blocks = (g.lq + QB - 1) / QB;
+    run_tasks(bh * n_blocks, threads, [&](int64_t task) {
+        Scratch scratch;
+        int64_t h = task / n_blocks, block = n_blocks - 1 - task % n_blocks;  // long rows first
+        const float* qh = q + h * g.lq * WIDTH;
+        const float* kh = k + h * g.lk * WIDTH;
+        const float* vh = v + h * g.lk * WIDTH;
+        const uint8_t* keep_b = keep ? keep + (h / g.heads) * g.lk : nullptr;
+        int64_t r0 = block * QB, r1 = r0 + QB < g.lq ? r0 + QB : g.lq, rows = r1 - r0;
+        int64_t t_end = causal_end(g, r1);
         vec acc[QB][NV];
         float run_max[QB], run_sum[QB];
-        for (int64_t task = next_task++; task < bh * n_blocks; task = next_task++) {
-            int64_t h = task / n_blocks, block = n_blocks - 1 - task % n_blocks;  // long rows first
-            const float* qh = q + h * length * WIDTH;
-            const float* kh = k + h * length * WIDTH;
-            const float* vh = v + h * length * WIDTH;
-            const uint8_t* keep_b = keep ? keep + (h / heads) * length : nullptr;
-            int64_t r0 = block * QB, r1 = r0 + QB < length ? r0 + QB : length, rows = r1 - r0;
-            // Causal: no key past the last query row's position.
-            int64_t last = ((r1 - 1) / depth + 1) * depth;
-            int64_t t_end = causal && last < length ? last : length;
-            for (int64_t r = 0; r < rows; r++) {
-                run_max[r] = -INFINITY;
-                run_sum[r] = 0.f;
-                for (int c = 0; c < NV; c++) acc[r][c] = splat(0.f);
-            }
-            for (int64_t t0 = 0; t0 < t_end; t0 += KB) {
-                int64_t nt = t_end - t0 < KB ? t_end - t0 : KB;
-                int64_t padded = (nt + LANES - 1) / LANES * LANES;
-                load_keys(kh, keep_b, g, t0, nt, kt, pos, platter);
-                for (int64_t r = 0; r < rows; r += R) {
-                    float qs[R][WIDTH] __attribute__((aligned(64)));
-                    float fi[R], fk[R], row_max[R], corr[R];
-                    for (int a = 0; a < R; a++) {
-                        int64_t row = r0 + (r + a < rows ? r + a : rows - 1);  // spare lanes repeat a row
-                        for (int d = 0; d < WIDTH; d++) qs[a][d] = qh[row * WIDTH + d] * scale;
-                        fi[a] = (float)(row / depth);
-                        fk[a] = (float)(row % depth);
+        for (int64_t r = 0; r < rows; r++) {
+            run_max[r] = -INFINITY;
+            run_sum[r] = 0.f;
+            for (int x = 0; x < NV; x++) acc[r][x] = splat(0.f);
+        }
+        float* s = scratch.s;
+        for (int64_t t0 = 0; t0 < t_end; t0 += KB) {
+            int64_t nt = t_end - t0 < KB ? t_end - t0 : KB;
+            int64_t padded = (nt + LANES - 1) / LANES * LANES;
+            float k0 = (float)(t0 / g.depth), k1 = (float)((t0 + nt - 1) / g.depth);
+            if (!visible(g, query_pos(g, r0), query_pos(g, r1 - 1), k0, k1)) continue;
+            load_keys(kh, nullptr, keep_b, g, t0, nt, scratch.kt, nullptr, scratch.pos, scratch.platter);
+            for (int64_t r = 0; r < rows; r += R) {
+                float qs[R][WIDTH] __attribute__((aligned(64)));
+                float fi[R], fk[R], row_max[R], corr[R];
+                int64_t row[R];
+                int live = load_rows(qh, g, r0 + r, r1, qs, fi, fk, row);
+                score_rows<WRAP>(qs, fi, fk, scratch.kt, scratch.pos, scratch.platter, padded, c, s, row_max);
+                for (int a = 0; a < R; a++) {
+                    int64_t ra = row[a] - r0;
+                    float top = row_max[a] > run_max[ra] ? row_max[a] : run_max[ra];
+                    vec shift = splat(top == -INFINITY ? 0.f : top);
+                    vec total = splat(0.f);
+                    for (int64_t t = 0; t < padded; t += LANES) {
+                        vec x = load(s + a * KB + t);
+                        vec p = exp_nonpositive(x - shift);
+                        p = x == c.minus_inf ? splat(0.f) : p;
+                        store(s + a * KB + t, p);
+                        total += p;
                     }
-                    score_rows(qs, fi, fk, kt, pos, platter, padded, g, s, row_max);
-                    for (int a = 0; a < R; a++) {
-                        int64_t ra = r + a < rows ? r + a : rows - 1;
-                        float top = row_max[a] > run_max[ra] ? row_max[a] : run_max[ra];
-                        vec shift = splat(top == -INFINITY ? 0.f : top);
-                        vec total = splat(0.f);
-                        for (int64_t t = 0; t < padded; t += LANES) {
-                            vec x = load(s + a * KB + t);
-                            vec p = exp_nonpositive(x - shift);
-                            p = x == splat(-INFINITY) ? splat(0.f) : p;
-                            store(s + a * KB + t, p);
-                            total += p;
-                        }
-                        corr[a] = run_max[ra] == -INFINITY ? 0.f : expf(run_max[ra] - top);
-                        if (r + a < rows) {
-                            run_sum[ra] = run_sum[ra] * corr[a] + hsum(total);
-                            run_max[ra] = top;
-                        }
+                    corr[a] = run_max[ra] == -INFINITY ? 0.f : expf(run_max[ra] - top);
+                    if (a < live) {
+                        run_sum[ra] = run_sum[ra] * corr[a] + hsum(total);
+                        run_max[ra] = top;
                     }
-                    vec o[R][NV];
-                    for (int a = 0; a < R; a++)
-                        for (int c = 0; c < NV; c++) o[a][c] = splat(0.f);
-                    for (int64_t t = 0; t < nt; t++) {
-                        vec vt[NV];
-                        for (int c = 0; c < NV; c++) vt[c] = load(vh + (t0 + t) * WIDTH + c * LANES);
-                        for (int a = 0; a < R; a++) {
-                            vec p = splat(s[a * KB + t]);
-                            for (int c = 0; c < NV; c++) o[a][c] += p * vt[c];
-                        }
-                    }
-                    for (int a = 0; a < R && r + a < rows; a++)
-                        for (int c = 0; c < NV; c++) acc[r + a][c] = acc[r + a][c] * splat(corr[a]) + o[a][c];
                 }
-            }
-            for (int64_t r = 0; r < rows; r++) {
-                float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;  // rows with no key: zeros
-                for (int c = 0; c < NV; c++) store(out + (h * length + r0 + r) * WIDTH + c * LANES, acc[r][c] * splat(inv));
-                lse[h * length + r0 + r] = run_sum[r] > 0.f ? run_max[r] + logf(run_sum[r]) : -INFINITY;
+                vec o[R][NV];
+                for (int a = 0; a < R; a++)
+                    for (int x = 0; x < NV; x++) o[a][x] = splat(0.f);
+                weighted_rows(s, vh + t0 * WIDTH, nt, o);
+                for (int a = 0; a < live; a++)
+                    for (int x = 0; x < NV; x++) acc[r + a][x] = acc[r + a][x] * splat(corr[a]) + o[a][x];
             }
         }
-        free(kt);
-        free(s);
-        free(pos);
-        free(platter);
-    };
-    std::vector<std::thread> helpers;
-    for (int i = 1; i < threads; i++) helpers.emplace_back(worker);
-    worker();
-    for (auto& helper : helpers) helper.join();
+        for (int64_t r = 0; r < rows; r++) {
+            float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;  // rows with no key: zeros
+            for (int x = 0; x < NV; x++) store(out + (h * g.lq + r0 + r) * WIDTH + x * LANES, acc[r][x] * splat(inv));
+            lse[h * g.lq + r0 + r] = run_sum[r] > 0.f ? run_max[r] + logf(run_sum[r]) : -INFINITY;
+        }
+    });
+}
+
+// Flash attention's backward for one key block against rows [r0, r1): p = exp(s - lse),
+// dp = do . v, ds = p (dp - delta); dv += p^T do, dk += ds^T (scale q), dq += scale ds k.
+template <bool WRAP>
+static void backward_block(const float* qh, const float* kh, const float* doh, const float* lse_h,
+                           const float* delta_h, float* dqh, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
+                           const Geometry& g, const Rules& c, Scratch& sc) {
+    float *dkt = sc.dkt, *dvt = sc.dvt;
+    int64_t padded = (nt + LANES - 1) / LANES * LANES;
+    float k0 = (float)(t0 / g.depth), k1 = (float)((t0 + nt - 1) / g.depth);
+    for (int64_t b0 = r0; b0 < r1; b0 += QB) {
+        int64_t b1 = b0 + QB < r1 ? b0 + QB : r1;
+        if (!visible(g, query_pos(g, b0), query_pos(g, b1 - 1), k0, k1)) continue;
+        for (int64_t r = b0; r < b1; r += R) {
+            float qs[R][WIDTH] __attribute__((aligned(64)));
+            float dos[R][WIDTH] __attribute__((aligned(64)));
+            float fi[R], fk[R], row_lse[R], row_delta[R];
+            int64_t row[R];
+            int live = load_rows(qh, g, r, b1, qs, fi, fk, row);
+            for (int a = 0; a < R; a++) {
+                for (int d = 0; d < WIDTH; d++) dos[a][d] = doh[row[a] * WIDTH + d];
+                row_lse[a] = lse_h[row[a]];
+                row_delta[a] = delta_h[row[a]];
+            }
+            for (int64_t t = 0; t < padded; t += LANES) {
+                vec dot[R], dp[R];
+                for (int a = 0; a < R; a++) dot[a] = dp[a] = splat(0.f);
+                for (int d = 0; d < WIDTH; d++) {
+                    vec kd = load(sc.kt + d * KB + t), vd = load(sc.vt + d * KB + t);
+                    for (int a = 0; a < R; a++) {
+                        dot[a] += splat(qs[a][d]) * kd;
+                        dp[a] += splat(dos[a][d]) * vd;
+                    }
+                }
+                vec j = load(sc.pos + t), l = load(sc.platter + t);
+                vec p[R], ds[R];
+                for (int a = 0; a < R; a++) {
+                    vec val = biased<WRAP>(dot[a], fi[a], fk[a], j, l, c);
+                    // A row with nothing to see has lse = -inf and only -inf scores: p = 0.
+                    p[a] = a < live ? exp_nonpositive(val - splat(row_lse[a])) : splat(0.f);
+                    p[a] = val == c.minus_inf ? splat(0.f) : p[a];
+                    ds[a] = p[a] * (dp[a] - splat(row_delta[a]));
+                    store(sc.ds + a * KB + t, ds[a]);
+                }
+                for (int d = 0; d < WIDTH; d++) {
+                    vec gv = load(dvt + d * KB + t), gk = load(dkt + d * KB + t);
+                    for (int a = 0; a < R; a++) {
+                        gv += p[a] * splat(dos[a][d]);
+                        gk += ds[a] * splat(qs[a][d]);
+                    }
+                    store(dvt + d * KB + t, gv);
+                    store(dkt + d * KB + t, gk);
+                }
+            }
+            vec o[R][NV];
+            for (int a = 0; a < R; a++)
+                for (int x = 0; x < NV; x++) o[a][x] = splat(0.f);
+            weighted_rows(sc.ds, kh + t0 * WIDTH, nt, o);
+            for (int a = 0; a < live; a++)
+                for (int x = 0; x < NV; x++) {
+                    float* dst = dqh + row[a] * WIDTH + x * LANES;
+                    store(dst, load(dst) + o[a][x] * splat(g.scale));
+                }
+        }
+    }
+}
+
+template <bool WRAP>
+static void backward(const float* q, const float* k, const float* v, const uint8_t* keep, const float* dout,
+                     const float* lse, const float* delta, float* dq_parts, float* dk, float* dv, int64_t bh,
+                     int64_t chunks, const Geometry& g, int threads) {
+    const Rules c(g);
+    const int64_t n_kblocks = (g.lk + KB - 1) / KB;
+    run_tasks(bh * chunks, threads, [&](int64_t task) {
+        Scratch scratch;
+        float *dkt = scratch.dkt, *dvt = scratch.dvt;
+        int64_t h = task / chunks, chunk = task % chunks;
+        const float* kh = k + h * g.lk * WIDTH;
+        float* dqh = dq_parts + (h * chunks + chunk) * g.lq * WIDTH;
+        const uint8_t* keep_b = keep ? keep + (h / g.heads) * g.lk : nullptr;
+        for (int64_t kb = chunk; kb < n_kblocks; kb += chunks) {  // interleaved: causal work evens out
+            int64_t t0 = kb * KB, nt = g.lk - t0 < KB ? g.lk - t0 : KB;
+            load_keys(kh, v + h * g.lk * WIDTH, keep_b, g, t0, nt, scratch.kt, scratch.vt, scratch.pos,
+                      scratch.platter);
+            memset(dkt, 0, sizeof(float) * WIDTH * KB);
+            memset(dvt, 0, sizeof(float) * WIDTH * KB);
+            // Causal: rows at positions before the block's first key see none of it.
+            int64_t first = (t0 / g.depth - g.q_offset) * g.depth;
+            int64_t r0 = g.causal && first > 0 ? first : 0;
+            if (r0 < g.lq)
+                backward_block<WRAP>(q + h * g.lq * WIDTH, kh, dout + h * g.lq * WIDTH, lse + h * g.lq,
+                                     delta + h * g.lq, dqh, t0, nt, r0, g.lq, g, c, scratch);
+            for (int64_t t = 0; t < nt; t++)
+                for (int d = 0; d < WIDTH; d++) {
+                    dk[(h * g.lk + t0 + t) * WIDTH + d] = dkt[d * KB + t];
+                    dv[(h * g.lk + t0 + t) * WIDTH + d] = dvt[d * KB + t];
+                }
+        }
+    });
+}
+
+static Geometry geometry(int64_t lq, int64_t lk, int64_t depth, int64_t heads, int64_t q_offset, int64_t period,
+                         float lam, int causal, int64_t window, float scale) {
+    return Geometry{lq, lk, depth, heads, q_offset, (float)period, lam / (float)period, lam / (float)depth,
+                    window < 0 ? -1.f : (float)window, scale, causal};
+}
+
+// Does some |i - j| reach the period? Query positions run to q_offset + lq/depth - 1, keys from 0.
+static bool wraps(const Geometry& g) {
+    int64_t reach = g.q_offset + (g.lq + g.depth - 1) / g.depth - 1;
+    int64_t key_reach = (g.lk + g.depth - 1) / g.depth - 1;
+    return (reach > key_reach ? reach : key_reach) >= (int64_t)g.period;
+}
+
+extern "C" void torus_forward(const float* q, const float* k, const float* v, const uint8_t* keep, float* out,
+                              float* lse, int64_t bh, int64_t lq, int64_t lk, int64_t depth, int64_t heads,
+                              int64_t q_offset, int64_t period, float lam, int causal, int64_t window,
+                              float scale, int threads) {
+    Geometry g = geometry(lq, lk, depth, heads, q_offset, period, lam, causal, window, scale);
+    if (wraps(g))
+        forward<true>(q, k, v, keep, out, lse, bh, g, threads);
+    else
+        forward<false>(q, k, v, keep, out, lse, bh, g, threads);
+}
+
+extern "C" void torus_backward(const float* q, const float* k, const float* v, const uint8_t* keep,
+                               const float* dout, const float* lse, const float* delta, float* dq_parts,
+                               float* dk, float* dv, int64_t chunks, int64_t bh, int64_t lq, int64_t lk,
+                               int64_t depth, int64_t heads, int64_t q_offset, int64_t period, float lam,
+                               int causal, int64_t window, float scale, int threads) {
+    Geometry g = geometry(lq, lk, depth, heads, q_offset, period, lam, causal, window, scale);
+    if (wraps(g))
+        backward<true>(q, k, v, keep, dout, lse, delta, dq_parts, dk, dv, bh, chunks, g, threads);
+    else
+        backward<false>(q, k, v, keep, dout, lse, delta, dq_parts, dk, dv, bh, chunks, g, threads);
 }
