@@ -408,7 +408,7 @@ def backward(q, k, v, out, lse, geometry, key_padding, scale, valid, grad):
     """Gradients (q, k, v) of toroidal attention from its output and natural log-sum-exp.
 
     Each piece reruns the fused kernel's backward with the merged output and log-sum-exp
-    (ring attention's rule), so any forward that returns those two can use it (`native` does).
+    (ring attention's rule), so any forward that returns those two could use it.
     `out` may be the real width or the augmented one (its extra columns are zeros).
     """
     aug = _Augmented(q, k, v, geometry, key_padding, scale)
