@@ -16,6 +16,7 @@ import toroidal.bench as bench
 from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops
 from toroidal.functional import selected_backend as chosen_backend
 from toroidal_cli.app import app
+from toroidal_cli.commands import bench as bench_command
 from toroidal_cli.results import read_result
 
 runner = CliRunner()
@@ -229,6 +230,16 @@ def test_fail_on_regression_needs_compare():
 
 def test_compare_with_a_missing_file_fails_before_running(tmp_path):
     assert_one_line_error(invoke(*TINY, "--compare", str(tmp_path / "nope.json")), "does not exist")
+
+
+def test_an_out_path_that_cannot_be_written_fails_before_running(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    # Running would be a failure: the sweep must not start.
+    monkeypatch.setattr(bench_command, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    result = invoke(*TINY, "--out", str(blocker / "sub" / "run.json"))
+    assert_one_line_error(result, "cannot write --out", "is not a folder")
+    assert blocker.read_text() == "kept"
 
 
 # --- bad values ------------------------------------------------------------------------------------------

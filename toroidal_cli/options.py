@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -64,10 +65,23 @@ def invocation_argv(ctx: typer.Context, given_only: bool = False, exclude: tuple
     return argv
 
 
-def check_out_path(path: Path | None) -> Path | None:
-    """Fail before the work, not after it, when --out cannot be a result file."""
-    if path is not None and path.is_dir():
-        raise UserError(f"--out {path} is a folder", "give --out a file name such as results/run.json")
+def check_out_path(path: Path | None, option: str = "--out") -> Path | None:
+    """Fail before the work, not after it, when `option`'s file could not be written."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder", f"give {option} a file name inside it")
+    folder = path.absolute().parent
+    while not folder.exists():  # the folders write_result would create: check where they would go
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {option} {path}: {folder} is not a folder", f"choose another {option}")
+    try:  # a real probe: os.access says yes to root on read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        fix = "check the path and permissions"
+        raise UserError(f"cannot write {option} {path}: {error.strerror}", fix) from None
     return path
 
 

@@ -268,8 +268,7 @@ def command(
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_out_path(out)
-    if trace is not None and trace.is_dir():
-        raise UserError(f"--trace {trace} is a folder", "give --trace a file name such as results/trace.json")
+    check_out_path(trace, "--trace")
     flags = {
         "backend": backend,
         "seq_len": seq_len,
