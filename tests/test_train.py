@@ -340,6 +340,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch, args, fragments):
     assert not (tmp_path / "run" / "train_config.json").exists()
 
 
+def test_a_run_folder_that_cannot_be_created_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    result = invoke(*MICRO_FLAGS, "--steps", "1", "--out", str(blocker / "run"))
+    assert_one_line_error(result, "cannot write --out", "is not a folder")
+    assert blocker.read_text() == "kept"
+
+
 def test_missing_logger_package_fails_at_startup(tmp_path):
     pytest.importorskip("torch")
     try:

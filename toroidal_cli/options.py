@@ -65,14 +65,9 @@ def invocation_argv(ctx: typer.Context, given_only: bool = False, exclude: tuple
     return argv
 
 
-def check_out_path(path: Path | None, option: str = "--out") -> Path | None:
-    """Fail before the work, not after it, when `option`'s file could not be written."""
-    if path is None:
-        return None
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder", f"give {option} a file name inside it")
-    folder = path.absolute().parent
-    while not folder.exists():  # the folders write_result would create: check where they would go
+def check_can_create_in(folder: Path, path: Path, option: str) -> None:
+    """Fail when `folder` (created if missing) could not hold the `option` file or folder `path`."""
+    while not folder.exists():  # the folders that would be created: check where they would go
         folder = folder.parent
     if not folder.is_dir():
         raise UserError(f"cannot write {option} {path}: {folder} is not a folder", f"choose another {option}")
@@ -82,6 +77,15 @@ def check_out_path(path: Path | None, option: str = "--out") -> Path | None:
     except OSError as error:
         fix = "check the path and permissions"
         raise UserError(f"cannot write {option} {path}: {error.strerror}", fix) from None
+
+
+def check_out_path(path: Path | None, option: str = "--out") -> Path | None:
+    """Fail before the work, not after it, when `option`'s file could not be written."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder", f"give {option} a file name inside it")
+    check_can_create_in(path.absolute().parent, path, option)
     return path
 
 

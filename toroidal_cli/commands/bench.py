@@ -503,8 +503,7 @@ def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
     path = path or tuning.default_path()
     if path is None:
         raise UserError(f"${tuning.ENV_VAR} turns tuning tables off", "pass --tune-out FILE")
-    if path.is_dir():
-        raise UserError(f"--tune-out {path} is a folder", "give a file name such as tuning.json")
+    check_out_path(path, "--tune-out")
     with render.progress() as bar:
         task = bar.add_task("tune", total=None)
         measured = tuning.tune(sweep, on_case=lambda label: bar.update(task, description=f"tune {label}"))

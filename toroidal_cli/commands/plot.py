@@ -17,7 +17,7 @@ from toroidal.training.errors import CheckpointError
 from toroidal_cli import dryrun, render
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
-from toroidal_cli.options import config_path, load_config, parse_bool, parse_float, parse_int
+from toroidal_cli.options import check_out_path, config_path, load_config, parse_bool, parse_float, parse_int
 from toroidal_cli.results import read_result
 
 HELP = "Draw pictures: bench scaling, training curves, attention heat maps (PNG + JSON of the numbers)."
@@ -39,8 +39,7 @@ def check_plot_out(out: Path, option: str = "--out") -> Path:
         plots.require_matplotlib()
     except plots.PlotUnavailable:
         raise UserError("plotting needs matplotlib, which is not installed", plots.INSTALL_HINT) from None
-    if out.is_dir():
-        raise UserError(f"{option} {out} is a folder", f"give {option} a file name such as plots/bench.png")
+    check_out_path(out, option)
     if out.suffix.lower() != ".png":
         raise UserError(f"{option} {out} is not a .png file", f"give {option} a name ending in .png")
     return out

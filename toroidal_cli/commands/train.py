@@ -41,6 +41,7 @@ from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
 from toroidal_cli.options import (
     TrustRemoteCodeOpt,
+    check_can_create_in,
     config_path,
     invocation_argv,
     load_config,
@@ -478,6 +479,7 @@ def _run_folder(out: Path | None, resume: bool) -> Path:
     if out is not None:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file", "give --out a folder for the run")
+        check_can_create_in(out.absolute(), out, "--out")
         return out
     if resume:
         raise UserError("--resume needs --out", "pass the folder of the run to continue")
