@@ -42,7 +42,7 @@ def assert_plot(png: Path, size: tuple[float, float]) -> dict:
     assert png.stat().st_size > 1000
     assert png_size(png) == plots.pixel_size(size)
     assert not list(png.parent.glob(".*.tmp"))
-    return json.loads(png.with_suffix(".json").read_text())
+    return json.loads(png.with_suffix(".plot.json").read_text())
 
 
 def bench_row(backend: str, seq_len: int, depth: int, status: str = "ok") -> dict:
@@ -99,6 +99,15 @@ def test_plot_bench_is_deterministic(bench_file, tmp_path):
     assert invoke("bench", str(bench_file), "--out", str(first)).exit_code == 0
     assert invoke("bench", str(bench_file), "--out", str(second)).exit_code == 0
     assert first.read_bytes() == second.read_bytes()
+
+
+@needs_matplotlib
+def test_a_plot_named_like_its_input_leaves_the_input_intact(bench_file):
+    before = bench_file.read_bytes()
+    out = bench_file.with_suffix(".png")  # bench.json -> bench.png: the numbers must not land in bench.json
+    assert invoke("bench", str(bench_file), "--out", str(out)).exit_code == 0
+    assert bench_file.read_bytes() == before
+    assert_plot(out, plots.BENCH_SIZE)
 
 
 @needs_matplotlib
@@ -159,7 +168,8 @@ def test_plot_attention_of_a_trained_run_on_text(run_dir, tmp_path):
     second = invoke("attention", "--checkpoint", str(run_dir), "--text", "a torus!", "--layer", "1",
                     "--head", "1", "--out", str(tmp_path / "other.png"))  # fmt: skip
     assert second.exit_code == 0, second.output
-    assert json.loads((tmp_path / "other.json").read_text())["platter_tokens"] != numbers["platter_tokens"]
+    other = json.loads((tmp_path / "other.plot.json").read_text())
+    assert other["platter_tokens"] != numbers["platter_tokens"]
 
 
 @needs_matplotlib
@@ -189,7 +199,7 @@ def test_attention_settings_from_a_config_file_with_flags_over_it(tmp_path):
     out = tmp_path / "a.png"
     result = invoke("attention", "--config", str(config), "--seq-len", "5", "--out", str(out))
     assert result.exit_code == 0, result.output
-    numbers = json.loads((tmp_path / "a.json").read_text())
+    numbers = json.loads((tmp_path / "a.plot.json").read_text())
     assert numbers["settings"]["seq_len"] == 5 and numbers["settings"]["period"] == 3
     assert torch.tensor(numbers["positions"]).shape == (5, 5)
     config.write_text("depth: 2\nsurprise: 1\n", encoding="utf-8")

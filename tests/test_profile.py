@@ -83,6 +83,11 @@ def test_bad_values_are_one_line_errors(args, fragments):
     assert_one_line_error(invoke(*TINY, *args), "toroidal profile:", *fragments)
 
 
+def test_trace_and_out_on_one_file_is_an_error(tmp_path):
+    same = str(tmp_path / "p.json")
+    assert_one_line_error(invoke(*TINY, "--trace", same, "--out", same), "--out and --trace are both")
+
+
 def test_trace_to_a_folder_is_an_error(tmp_path):
     assert_one_line_error(invoke(*TINY, "--trace", str(tmp_path)), "folder")
 

@@ -348,6 +348,23 @@ def test_a_run_folder_that_cannot_be_created_fails_before_training(tmp_path):
     assert blocker.read_text() == "kept"
 
 
+def test_a_folder_holding_other_files_is_refused_and_kept(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "metrics.json").write_text("mine")
+    assert_one_line_error(invoke(*MICRO_FLAGS, "--steps", "1", "--out", str(folder)), "is not empty")
+    assert (folder / "metrics.json").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert invoke(*MICRO_FLAGS, "--steps", "1", "--out", str(run)).exit_code == 0
+    before = (run / "metrics.json").read_bytes()
+    result = invoke(*MICRO_FLAGS, "--steps", "2", "--resume", "--out", str(run))
+    assert_one_line_error(result, "nothing to resume", "no checkpoint", "--save-every")
+    assert (run / "metrics.json").read_bytes() == before
+
+
 def test_missing_logger_package_fails_at_startup(tmp_path):
     pytest.importorskip("torch")
     try:

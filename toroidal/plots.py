@@ -1,7 +1,7 @@
 """Pictures of results: benchmark scaling, training curves, attention patterns.
 
 Each `plot_*` function takes data already loaded (bench rows, train result records,
-an attention weight matrix) and writes FILE.png plus FILE.json, the numbers drawn.
+an attention weight matrix) and writes FILE.png plus FILE.plot.json, the numbers drawn.
 Both files are written atomically (a temp file beside them, then os.replace).
 Figures have a fixed size and dpi and the PNG carries no software or time stamp,
 so the same data gives the same bytes on one machine.
@@ -60,7 +60,9 @@ def pixel_size(size: tuple[float, float]) -> tuple[int, int]:
 
 
 def json_path(png: str | os.PathLike) -> Path:
-    return Path(png).with_suffix(".json")
+    """Where a figure's numbers go: FILE.plot.json, a name no result file or run file has (FILE.json was
+    the run's own metrics.json for `--out RUN/metrics.png`)."""
+    return Path(png).with_suffix(".plot.json")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -161,9 +161,16 @@ def _check_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
                 f"{run_dir} already holds a training run",
                 "pass --resume to continue it, or choose another --out",
             )
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # the run's files would overwrite the user's
+            raise SetupError(f"{run_dir} is not empty", "give --out a new or empty folder for the run")
         return
     if not (run_dir / TRAIN_CONFIG).is_file():
         raise SetupError(f"nothing to resume: {run_dir} holds no training run", "run without --resume")
+    if latest_checkpoint(run_dir) is None:
+        raise SetupError(
+            f"nothing to resume: {run_dir} holds no checkpoint (it was trained with --save-every 0)",
+            "train with --save-every N to be able to resume, or start a new run in another --out",
+        )
     saved, _ = read_train_config(run_dir)
     conflicts = config.resume_conflicts(saved)
     if conflicts:

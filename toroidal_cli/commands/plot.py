@@ -1,6 +1,6 @@
 """`toroidal plot`: pictures of bench results, training runs and attention patterns (a Typer sub-app).
 
-Each subcommand writes FILE.png and FILE.json (the numbers drawn) next to it. Needs the
+Each subcommand writes FILE.png and FILE.plot.json (the numbers drawn) next to it. Needs the
 `plot` extra (matplotlib). `toroidal bench --plot` and `toroidal train --plot` reuse
 `plot_bench_rows` and `plot_runs`.
 """
@@ -26,7 +26,7 @@ MAX_ATTENTION_TOKENS = 2048  # N*D: the heat map and its JSON hold (N*D)^2 numbe
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
 
 OutOpt = Annotated[
-    Path, typer.Option("--out", "-o", help="The PNG to write; the numbers go to the same name with .json.")
+    Path, typer.Option("--out", "-o", help="The PNG to write; the numbers go to FILE.plot.json.")
 ]
 
 
@@ -102,7 +102,7 @@ def bench(
     check_plot_out(out)
     rows = _bench_rows(results)
     if dry_run:
-        resolved = {"results": results, "rows": len(rows), "out": out, "numbers": out.with_suffix(".json")}
+        resolved = {"results": results, "rows": len(rows), "out": out, "numbers": plots.json_path(out)}
         dryrun.show("plot bench", dryrun.settings(ctx, resolved, fallback="derived"))
         return
     plot_bench_rows(rows, out)
@@ -122,7 +122,7 @@ def train(
             if not run.is_dir():
                 raise UserError(f"{run} is not a run folder", "pass run folders of `toroidal train --out`")
             read_result(run / "metrics.json", command="train")
-        resolved = {"runs": runs, "out": out, "numbers": out.with_suffix(".json")}
+        resolved = {"runs": runs, "out": out, "numbers": plots.json_path(out)}
         dryrun.show("plot train", dryrun.settings(ctx, resolved, fallback="derived"))
         return
     plot_runs(runs, out)

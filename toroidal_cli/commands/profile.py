@@ -269,6 +269,8 @@ def command(
 ) -> None:
     check_out_path(out)
     check_out_path(trace, "--trace")
+    if out is not None and trace is not None and out.absolute() == trace.absolute():
+        raise UserError(f"--out and --trace are both {out}", "give the trace its own file name")
     flags = {
         "backend": backend,
         "seq_len": seq_len,
