@@ -272,6 +272,19 @@ def test_bad_values_are_one_line_errors(args, fragments):
     assert_one_line_error(invoke(*TINY, *args), "toroidal bench:", *fragments)
 
 
+def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("d\xe9pth: 2\n".encode("latin-1"))
+    assert_one_line_error(invoke(*TINY, "--config", str(config)), "not UTF-8")
+
+
+def test_a_nan_regression_threshold_is_refused(tmp_path):
+    old = tmp_path / "old.json"
+    assert invoke(*TINY, "--no-isolate", "--backend", "reference", "--out", str(old)).exit_code == 0
+    result = invoke(*TINY, "--compare", str(old), "--fail-on-regression", "nan")
+    assert_one_line_error(result, "--fail-on-regression nan")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_without_a_gpu_is_a_one_line_error():
     assert_one_line_error(invoke(*TINY, "--device", "cuda"), "not available", "--device cpu")

@@ -330,6 +330,8 @@ def test_a_local_model_folder_trains(tmp_path):
         (["--attention", "linear"], ["--attention"]),
         (["--attention", "baseline", "--layers", "0"], ["--layers has no effect"]),
         (["--config", "no-such-preset"], ["unknown train preset"]),
+        (["--seed", str(2**64)], ["--seed", "out of range"]),
+        (["--dataset", "passkey", "--passkey-digits", "19"], ["--passkey-digits 19", "1 to 18"]),
     ],
 )
 def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch, args, fragments):

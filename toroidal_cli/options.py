@@ -174,6 +174,8 @@ def load_config(path: Path, known_keys: tuple[str, ...]) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise UserError(f"cannot read config {path}: {error.strerror}", "check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text", "save the YAML file as UTF-8") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""

@@ -87,6 +87,23 @@ class DataOptions:
     passkey_digits: int = 5
     seed: int = 0
 
+    def __post_init__(self):
+        check_seed(self.seed)
+        if not 1 <= self.passkey_digits <= MAX_PASSKEY_DIGITS:  # keys are drawn as int64
+            raise SetupError(
+                f"--passkey-digits {self.passkey_digits} is out of range",
+                f"use 1 to {MAX_PASSKEY_DIGITS} digits",
+            )
+
+
+MAX_PASSKEY_DIGITS = 18
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise SetupError(f"--seed {seed} is out of range", f"use a seed from 0 to {MAX_SEED}")
+
 
 # --- seeded randomness -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from toroidal.config import ToroidalConfig
 from toroidal.integrations.transformers import apply_toroidal, attention_modules, toroidal_layers
+from toroidal.training.data import check_seed
 from toroidal.training.errors import CheckpointError, SetupError
 from toroidal.training.hub import require_hub, trust_remote_code
 from toroidal.training.tokenization import ByteTokenizer, load_model_tokenizer, parse_tokenizer_spec
@@ -169,6 +170,7 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.M
                 f"model {source.name!r} has {limit} positions, fewer than --seq-len {seq_len}",
                 f"use --seq-len {limit} or less",
             )
+        check_seed(seed)
         torch.manual_seed(seed)
         with quiet_transformers():
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

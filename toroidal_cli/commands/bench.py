@@ -603,9 +603,9 @@ def command(
     if fail_on_regression is not None:
         if compare is None:
             raise UserError("--fail-on-regression needs --compare", "pass --compare OLD.json")
-        if fail_on_regression < 0:
+        if not 0 <= fail_on_regression < float("inf"):  # nan too: no row could ever fail it
             raise UserError(
-                f"--fail-on-regression {fail_on_regression:g} is negative", "give a percentage >= 0"
+                f"--fail-on-regression {fail_on_regression:g} is not a percentage >= 0", "give e.g. 5"
             )
     if compare is not None:
         read_result(compare, command="bench")  # fail before the work, not after it

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from toroidal import plots
+from toroidal.training.data import MAX_SEED
 from toroidal.training.errors import CheckpointError
 from toroidal_cli import dryrun, render
 from toroidal_cli.config_paths import relative_to_file
@@ -158,7 +159,10 @@ def _attention_value(key: str, value, where: str):
         return parse_float(value, where, minimum=0.0)
     if key in ("window", "period", "layer"):
         return parse_int(value, where, minimum=0 if key != "period" else 1, none_ok=True)
-    return parse_int(value, where, minimum=0 if key in ("head", "seed") else 1)
+    number = parse_int(value, where, minimum=0 if key in ("head", "seed") else 1)
+    if key == "seed" and number > MAX_SEED:
+        raise UserError(f"{where}: {number} is out of range", f"use a seed from 0 to {MAX_SEED}")
+    return number
 
 
 def attention_settings(config: Path | None, flags: dict) -> dict:
