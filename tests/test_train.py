@@ -342,6 +342,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch, args, fragments):
     assert not (tmp_path / "run" / "train_config.json").exists()
 
 
+def test_an_empty_text_file_is_a_one_line_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run = tmp_path / "run"
+    result = invoke(*MICRO_FLAGS, "--steps", "1", "--dataset", f"text:{empty}", "--out", str(run))
+    assert_one_line_error(result, "has 0 tokens", "--seq-len")
+
+
 def test_a_run_folder_that_cannot_be_created_fails_before_training(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("kept")

@@ -31,7 +31,10 @@ class ByteTokenizer:
     pad_id, bos_id, eos_id = 256, 257, 258
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        data = bytearray(text.encode("utf-8"))
+        if not data:  # frombuffer refuses an empty buffer
+            return torch.zeros(0, dtype=torch.long)
+        return torch.frombuffer(data, dtype=torch.uint8).long()
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
