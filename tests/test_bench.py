@@ -228,6 +228,17 @@ def test_fail_on_regression_needs_compare():
     assert_one_line_error(invoke(*TINY, "--fail-on-regression", "5"), "--fail-on-regression needs --compare")
 
 
+@pytest.mark.parametrize("rows", ["x", [1, 2]])
+def test_compare_with_malformed_rows_fails_before_running(tmp_path, monkeypatch, rows):
+    old = tmp_path / "old.json"
+    assert invoke(*TINY, "--no-isolate", "--backend", "reference", "--out", str(old)).exit_code == 0
+    record = json.loads(old.read_text())
+    record["rows"] = rows
+    old.write_text(json.dumps(record))
+    monkeypatch.setattr(bench_command, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    assert_one_line_error(invoke(*TINY, "--compare", str(old)), "has no list of 'rows'")
+
+
 def test_compare_with_a_missing_file_fails_before_running(tmp_path):
     assert_one_line_error(invoke(*TINY, "--compare", str(tmp_path / "nope.json")), "does not exist")
 

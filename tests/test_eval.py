@@ -160,6 +160,20 @@ def test_fail_on_regression_exits_1_only_for_the_worse_side(runs, results):
     assert same.exit_code == 0, same.output
 
 
+def test_a_gate_that_compares_nothing_fails(runs, results, tmp_path):
+    record = read_result(results["baseline"])
+    record["metrics"] = {name: None for name in record["metrics"]}
+    record["config"] = "not a mapping"
+    broken = tmp_path / "nulls.json"
+    broken.write_text(json.dumps(record))
+    args = ["--checkpoint", str(runs["toroidal"]), "--dataset", f"text:{runs['text']}"]
+    args += ["--compare", str(broken)]
+    assert invoke(*args).exit_code == 0  # no gate: the (empty) comparison is only shown
+    gated = invoke(*args, "--fail-on-regression", "5", "--out", str(tmp_path / "kept.json"))
+    assert gated.exit_code == 1 and "no gated metric" in gated.stderr
+    assert read_result(tmp_path / "kept.json")["metrics"]["loss"] is not None  # the result is still written
+
+
 def test_compare_result_is_recorded(runs, results, tmp_path):
     out = tmp_path / "compared.json"
     args = ["--checkpoint", str(runs["toroidal"]), "--dataset", f"text:{runs['text']}"]

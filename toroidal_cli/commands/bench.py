@@ -433,17 +433,24 @@ def _pct_text(pct: float | None, threshold: float | None) -> Text:
     return Text(f"{pct:+.1f}%", style=style)
 
 
+def read_old_rows(old_path: Path) -> list[dict]:
+    """The rows of an earlier bench result, checked before the sweep runs and again when comparing."""
+    old = read_result(old_path, command="bench")
+    rows = old.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        fix = "pass a JSON file written by `toroidal bench --out`"
+        raise UserError(f"{old_path} has no list of 'rows'", fix)
+    for row in rows:  # results from before mechanisms existed timed toroidal attention
+        row.setdefault("mechanism", "toroidal")
+        row.setdefault("options", None)
+    return rows
+
+
 def compare_with(old_path: Path, rows: list[dict], threshold: float | None):
     """Print per-row deltas against an older result; return the rows slower than `threshold` percent."""
-    old = read_result(old_path, command="bench")
-    if not isinstance(old.get("rows"), list):
-        raise UserError(f"{old_path} has no 'rows'", "pass a JSON file written by `toroidal bench --out`")
-    for row in old["rows"]:  # results from before mechanisms existed timed toroidal attention
-        if isinstance(row, dict):
-            row.setdefault("mechanism", "toroidal")
-            row.setdefault("options", None)
+    old_rows = read_old_rows(old_path)
     with as_user_error(f"{old_path} cannot be compared row by row"):
-        compared = compare_rows(old["rows"], rows, KEY_FIELDS, COMPARE_METRICS)
+        compared = compare_rows(old_rows, rows, KEY_FIELDS, COMPARE_METRICS)
     both = [row for row in compared if row["match"] == "both"]
     flat = []
     for row in both:
@@ -608,7 +615,7 @@ def command(
                 f"--fail-on-regression {fail_on_regression:g} is not a percentage >= 0", "give e.g. 5"
             )
     if compare is not None:
-        read_result(compare, command="bench")  # fail before the work, not after it
+        read_old_rows(compare)  # fail before the work, not after it
     flags = {
         "backend": backend,
         "seq_len": seq_len,

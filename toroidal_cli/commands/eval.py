@@ -273,7 +273,8 @@ def command(
     if other is not None:
         table_rows = comparison(metrics, other["metrics"], gated)
         render.console.print(render.table(table_rows, COMPARE_COLUMNS, title=f"this run vs {compare}"))
-        for note in _config_notes(result.config, other.get("config", {})):
+        other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
+        for note in _config_notes(result.config, other_config):
             render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
         if threshold is not None:
             regressions = [
@@ -297,6 +298,12 @@ def command(
             payload["comparison"] = {"other": str(compare), "rows": table_rows}
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
+    if threshold is not None and not any(r["gated"] and r["worse_pct"] is not None for r in table_rows):
+        # A gate that compared nothing must not pass: CI would go green on a broken baseline.
+        names = ", ".join(gated)
+        line = f"--fail-on-regression: no gated metric ({names}) has a comparable value in {compare}"
+        render.err_console.print(Text(f"toroidal eval: {line}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(1)
     if regressions:
         worst = max(regressions, key=lambda r: r["worse_pct"])
         line = (
