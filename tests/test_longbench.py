@@ -236,6 +236,8 @@ def test_user_errors_are_one_line(tmp_path):
     )
     assert_one_line_error(invoke("longbench", *model, "--baseline", "--both"), "--baseline or --both")
     assert_one_line_error(invoke("longbench", "--tasks", "passkey"), "--checkpoint")
+    missing = tmp_path / "no-run"
+    assert_one_line_error(invoke("longbench", "--checkpoint", str(missing)), f"{missing} does not exist")
     assert_one_line_error(invoke("longbench", *model, "--log-samples"), "--log-samples needs --out")
     assert_one_line_error(
         invoke("longbench", *model, "--tasks", "passkey", "--lengths", "16"), "do not fit in 16 tokens"

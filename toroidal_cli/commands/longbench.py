@@ -291,6 +291,10 @@ def make_command(suite_name: str):
             raise UserError("--log-samples needs --out", "the samples go next to the result: --out FILE.json")
         if (checkpoint is None) == (model is None):
             raise UserError("give --checkpoint RUN_FOLDER or --model NAME (one of them)")
+        if checkpoint is not None and not checkpoint.is_dir():
+            missing = "does not exist" if not checkpoint.exists() else "is not a folder"
+            fix = "pass a folder written by `toroidal train`"
+            raise UserError(f"--checkpoint {checkpoint} {missing}", fix)
         runs = _runs(baseline, both)
         if device != "auto":
             parse_device(device)  # the wrapper would fall back to the CPU, as lm-eval's HFLM does
