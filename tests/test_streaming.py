@@ -285,3 +285,8 @@ def test_streaming_inside_a_transformers_model(update):
 def test_eval_streaming_refuses_what_it_cannot_score(args, fragments):
     result = runner.invoke(app, [*MICRO_EVAL, "--streaming", *args])
     assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize("args", [["--update", "gru"], ["--latent-size", "8"]])
+def test_streaming_options_without_streaming_are_refused(args):
+    assert_one_line_error(runner.invoke(app, [*MICRO_EVAL, *args]), "only applies with --streaming")

@@ -230,6 +230,10 @@ def command(
     if other is not None and not isinstance(other.get("metrics"), dict):
         raise UserError(f"{compare} has no 'metrics'", "pass a file written by `toroidal eval --out`")
 
+    unused = [name for name in ("latent_size", "update") if not streaming and from_command_line(ctx, name)]
+    if unused:
+        flag = "--" + unused[0].replace("_", "-")
+        raise UserError(f"{flag} only applies with --streaming", f"add --streaming or drop {flag}")
     values = _options(ctx, checkpoint, model)
     values.update(streaming=streaming, latent_size=latent_size, update=update.strip().lower())
     try:
