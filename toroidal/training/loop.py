@@ -48,6 +48,7 @@ from toroidal.training.models import (
     resolve_model,
 )
 from toroidal.training.runs import (
+    MODEL_DIR,
     TOKENIZER_DIR,
     TRAIN_CONFIG,
     holds_run,
@@ -166,9 +167,10 @@ def _check_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
         return
     if not (run_dir / TRAIN_CONFIG).is_file():
         raise SetupError(f"nothing to resume: {run_dir} holds no training run", "run without --resume")
-    if latest_checkpoint(run_dir) is None:
+    if latest_checkpoint(run_dir) is None and (run_dir / MODEL_DIR).exists():
+        # A finished run without checkpoints; one stopped before its first step restarts at step 0.
         raise SetupError(
-            f"nothing to resume: {run_dir} holds no checkpoint (it was trained with --save-every 0)",
+            f"nothing to resume: {run_dir} is a finished run with no checkpoint (--save-every was 0)",
             "train with --save-every N to be able to resume, or start a new run in another --out",
         )
     saved, _ = read_train_config(run_dir)
