@@ -230,10 +230,9 @@ def test_fail_on_regression_needs_compare():
 
 @pytest.mark.parametrize("rows", ["x", [1, 2]])
 def test_compare_with_malformed_rows_fails_before_running(tmp_path, monkeypatch, rows):
-    old = tmp_path / "old.json"
-    assert invoke(*TINY, "--no-isolate", "--backend", "reference", "--out", str(old)).exit_code == 0
-    record = json.loads(old.read_text())
+    record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "reference", name="old.json")
     record["rows"] = rows
+    old = tmp_path / "old.json"
     old.write_text(json.dumps(record))
     monkeypatch.setattr(bench_command, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
     assert_one_line_error(invoke(*TINY, "--compare", str(old)), "has no list of 'rows'")
@@ -290,9 +289,8 @@ def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path):
 
 
 def test_a_nan_regression_threshold_is_refused(tmp_path):
-    old = tmp_path / "old.json"
-    assert invoke(*TINY, "--no-isolate", "--backend", "reference", "--out", str(old)).exit_code == 0
-    result = invoke(*TINY, "--compare", str(old), "--fail-on-regression", "nan")
+    run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "reference", name="old.json")
+    result = invoke(*TINY, "--compare", str(tmp_path / "old.json"), "--fail-on-regression", "nan")
     assert_one_line_error(result, "--fail-on-regression nan")
 
 
