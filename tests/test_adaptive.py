@@ -1,5 +1,5 @@
-"""Adaptive depth (`toroidal.adaptive`): equals the toroidal kernel at full depth, really skips platters
-at inference, trains its gate, measures what it saves, and runs in `toroidal bench`."""
+"""Adaptive depth (`toroidal.mechanisms.adaptive`): equals the toroidal kernel at full depth, really
+skips platters at inference, trains its gate, measures what it saves, and runs in `toroidal bench`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-import toroidal.adaptive as adaptive
-from toroidal.adaptive import AdaptiveDepthKernel, adaptive_metrics, auxiliary_loss
+import toroidal.mechanisms.adaptive as adaptive
 from toroidal.mechanisms import build_attention, build_kernel, get_mechanism
+from toroidal.mechanisms.adaptive import AdaptiveDepthKernel, adaptive_metrics, auxiliary_loss
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 
@@ -341,7 +341,7 @@ def test_kv_cache_decoding_in_a_model_matches_the_full_pass():
     """The gate reads cached keys: token-by-token logits equal the full forward pass, mixed depths and all."""
     from transformers import DynamicCache
 
-    from toroidal.mechanisms import apply_mechanism
+    from toroidal.integrations.transformers import apply_mechanism
 
     model = apply_mechanism(tiny_llama(), "adaptive", {"depth": 4, "block": 3})
     for module in adaptive.adaptive_kernels(model):

@@ -12,8 +12,8 @@ import torch
 from helpers import assert_one_line_error, small_cpu_default
 from typer.testing import CliRunner
 
-import toroidal.bench as bench
-from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops
+import toroidal.bench.core as bench
+from toroidal.bench.core import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops
 from toroidal.functional import selected_backend as chosen_backend
 from toroidal_cli.app import app
 from toroidal_cli.commands import bench as bench_command

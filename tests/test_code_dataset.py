@@ -8,10 +8,10 @@ import pytest
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from toroidal.training import code_data
-from toroidal.training.code_data import code_files, in_validation, load_code_texts, parse_code_spec
+from toroidal.training import text_files as code_data
 from toroidal.training.data import load_eval_text, load_train_texts, parse_dataset_spec, split_text
 from toroidal.training.errors import SetupError
+from toroidal.training.text_files import code_files, in_validation, load_code_texts, parse_code_spec
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 

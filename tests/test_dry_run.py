@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from toroidal import memory
+from toroidal.runtime import memory
 from toroidal_cli.app import app
 from toroidal_cli.results import make_record, write_result
 

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from toroidal import ToroidalAttention, ToroidalConfig, toroidal_attention
 from toroidal.fft import (
-    FFTToroidalKernel,
     convolution_plan,
     fft_toroidal_mixing,
     materialized_circulant,
@@ -21,6 +20,7 @@ from toroidal.fft import (
 )
 from toroidal.integrations.transformers import apply_toroidal
 from toroidal.mechanisms import build_kernel, get_mechanism
+from toroidal.mechanisms.fft import FFTToroidalKernel
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 

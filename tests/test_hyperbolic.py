@@ -10,12 +10,6 @@ import torch
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from toroidal.mechanism_checks import (
-    check_hyperbolic_geometry,
-    check_hyperbolic_stability,
-    check_kernel_contract,
-    check_tiled_full_budget,
-)
 from toroidal.mechanisms import Mechanism, build_attention, build_kernel, get_mechanism, mechanism_names
 from toroidal.mechanisms.hyperbolic import (
     RIM_MARGIN,
@@ -26,7 +20,13 @@ from toroidal.mechanisms.hyperbolic import (
     pairwise_distance,
     to_ball,
 )
-from toroidal.validation import FAIL, PASS
+from toroidal.validate import FAIL, PASS
+from toroidal.validate.mechanisms import (
+    check_hyperbolic_geometry,
+    check_hyperbolic_stability,
+    check_kernel_contract,
+    check_tiled_full_budget,
+)
 from toroidal_cli.app import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -344,7 +344,7 @@ class LeakyKernel(HyperbolicKernel):
 
 
 def test_the_kernel_contract_catches_a_leaking_mechanism(monkeypatch):
-    from toroidal import mechanisms
+    from toroidal.mechanisms import registry as mechanisms
 
     monkeypatch.setitem(mechanisms._REGISTRY, "leaky", Mechanism("leaky", "leaks", LeakyKernel))
     results = {r.name: r for r in check_kernel_contract("leaky")}

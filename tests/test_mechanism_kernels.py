@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import toroidal.mechanisms as mechanisms
+import toroidal.mechanisms.registry as mechanisms
 from toroidal import toroidal_attention
-from toroidal.bench import BenchSweep, run_sweep
+from toroidal.bench.core import BenchSweep, run_sweep
 from toroidal.mechanisms import Mechanism, build_attention, build_kernel, check_options
 from toroidal.mechanisms.base import KernelModule
 from toroidal_cli.app import app

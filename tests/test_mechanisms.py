@@ -15,31 +15,29 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from toroidal import ToroidalAttention, ToroidalConfig  # noqa: E402
-from toroidal import mechanisms as registry  # noqa: E402
+from toroidal.mechanisms import registry  # noqa: E402
 from toroidal.integrations.transformers import (  # noqa: E402
+    KERNEL_ATTR,
+    applied_mechanism,
+    apply_mechanism,
     apply_toroidal,
     attention_modules,
+    load_mechanism_weights,
+    mechanism_layers,
+    mechanism_metrics,
     platter_order,
+    plug_mechanism,
+    remove_mechanism,
+    reset_mechanism_metrics,
+    summarize_metrics,
 )
 from toroidal.mechanisms import (  # noqa: E402
     KernelModule,
     Mechanism,
-    apply_mechanism,
     build_attention,
-    mechanism_metrics,
     mechanism_names,
-    remove_mechanism,
 )
 from toroidal.mechanisms.builtin import StandardKernel  # noqa: E402
-from toroidal.mechanisms.hf import (  # noqa: E402
-    KERNEL_ATTR,
-    applied_mechanism,
-    load_mechanism_weights,
-    mechanism_layers,
-    plug_mechanism,
-    reset_mechanism_metrics,
-    summarize_metrics,
-)
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,7 +102,7 @@ def gated(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """(layer, query length) of every plugged kernel call: proves the kernel ran, not the fallback."""
-    from toroidal.mechanisms import hf
+    from toroidal.integrations.transformers import mechanisms as hf
 
     calls = []
     original = hf._kernel_forward

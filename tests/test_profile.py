@@ -1,4 +1,4 @@
-"""`toroidal profile` and `toroidal.profiling`: stages, operators, trace, JSON, errors; no timings."""
+"""`toroidal profile` and `toroidal.bench.profile`: stages, operators, trace, JSON, errors; no timings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import toroidal.attention
 from toroidal import ToroidalAttention, ToroidalConfig
-from toroidal.profiling import FORWARD_STAGES, ProfileSpec, profile_attention, stage_ranges
+from toroidal.bench.profile import FORWARD_STAGES, ProfileSpec, profile_attention, stage_ranges
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 

@@ -8,9 +8,9 @@ from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from toroidal import ToroidalAttention, ToroidalConfig, toroidal_attention
-from toroidal.integrations.streaming import STREAM_ATTR, stream_logits, streaming_layers
+from toroidal.bench.stream import LATENT_SIZE
 from toroidal.integrations.transformers import apply_toroidal
-from toroidal.stream_bench import LATENT_SIZE
+from toroidal.integrations.transformers.streaming import STREAM_ATTR, stream_logits, streaming_layers
 from toroidal.streaming import (
     LatentKV,
     LatentUpdate,

@@ -71,7 +71,7 @@ def perturb_fusion(model, std=0.5):
 @pytest.fixture
 def toroidal_calls(monkeypatch):
     """Layer index of every toroidal kernel call (proves the torus ran, not the fallback)."""
-    from toroidal.integrations import transformers as integration
+    from toroidal.integrations.transformers import host as integration
 
     calls = []
     original = integration._toroidal_forward

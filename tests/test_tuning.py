@@ -10,10 +10,17 @@ import torch
 from helpers import assert_one_line_error, small_cpu_default
 from typer.testing import CliRunner
 
-from toroidal import toroidal_attention, tuning
+from toroidal import toroidal_attention
 from toroidal.functional import plan_call, selected_backend
 from toroidal.kernels import resolve_backend
-from toroidal.tuning import Bucket, TunedEntry, TuningTable, TuningTableError, TuningTableWarning
+from toroidal.kernels import tuning_table as tuning
+from toroidal.kernels.tuning_table import (
+    Bucket,
+    TunedEntry,
+    TuningTable,
+    TuningTableError,
+    TuningTableWarning,
+)
 from toroidal_cli.app import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,9 +50,18 @@ def use_table(tmp_path, monkeypatch):
         else:
             tuning.write_table(table, path)
         monkeypatch.setenv(tuning.ENV_VAR, str(path))
+        tuning.reload()  # `auto` reads the table once per process: as a new process would
         return path
 
     return use
+
+
+@pytest.fixture(autouse=True)
+def forget_the_table(monkeypatch):
+    """Tests here point `auto` at their own tables: the next test starts from the process default."""
+    yield
+    monkeypatch.undo()
+    tuning.reload()
 
 
 def test_buckets_round_to_the_nearest_power_of_two():
@@ -124,6 +140,7 @@ def test_bench_tune_writes_the_table_that_auto_then_reads(tmp_path, monkeypatch)
     assert entry.backend in ("sdpa", "blockwise") and entry.median_ms == min(entry.measured.values())
 
     monkeypatch.setenv(tuning.ENV_VAR, str(path))
+    tuning.reload()
     q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
     assert selected_backend(q, k, v, depth=2, lambda_distance=0.1, causal=True) == entry.backend
     # A second run with another length adds its bucket to the same file.

@@ -10,20 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from toroidal import validation
 from toroidal.kernels import base
-from toroidal.validation import (
-    FAIL,
-    PASS,
-    QUICK_CASES,
-    SKIP,
-    check_backends,
-    check_padded_rows,
-    run_check,
-    run_validation,
-    summarize,
-    verdict,
-)
+from toroidal.validate import FAIL, PASS, SKIP, run_check, run_validation, summarize
+from toroidal.validate import toroidal as validation
+from toroidal.validate.report import verdict
+from toroidal.validate.toroidal import QUICK_CASES, check_backends, check_padded_rows
 from toroidal_cli.app import app
 
 ONE_CASE = QUICK_CASES[:2]  # both cases share one shape: cheap for every backend

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from toroidal.config import ToroidalConfig
+from toroidal.fft import FFTToroidalMixing
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
 from toroidal.kv_cache import KVCache
@@ -44,7 +45,6 @@ class ToroidalAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.fft = None  # approximation="fft": content-free circulant mixing in the kernel's place
         if config.approximation == "fft":
-            from toroidal.fft import FFTToroidalMixing  # here: toroidal.fft loads the mechanism registry
 
             self.fft = FFTToroidalMixing(config.n_heads, config.depth)
 

@@ -41,11 +41,7 @@ import math
 import torch
 from torch import nn
 
-from toroidal.config import ToroidalConfig
-from toroidal.fusion import DepthFusion
 from toroidal.geometry import position_allowed, toroidal_distance
-from toroidal.mechanisms import Mechanism, register_mechanism
-from toroidal.mechanisms.base import KernelModule, check_options
 
 DEFAULT_BUCKETS = 16
 
@@ -333,61 +329,3 @@ class FFTToroidalMixing(nn.Module):
         if not (return_weights or always_tuple):
             return out
         return out, (materialized_circulant(q, k, **torus) if return_weights else None)
-
-
-FFT_OPTIONS = (
-    "depth", "lambda_distance", "period", "window", "max_len", "buckets", "content", "fusion", "fusion_rank",
-)  # fmt: skip
-
-
-class FFTToroidalKernel(KernelModule):
-    """Mechanism `fft`: `FFTToroidalMixing` followed by depth fusion.
-
-    Torus options are `ToroidalConfig` fields (depth, lambda_distance, period, window, max_len,
-    fusion, fusion_rank); period None means max_len when causal, the key length otherwise.
-    Own options: `buckets` (learned offset buckets per direction, 0 for none) and `content`
-    (pooled query-key logits, bidirectional only). Metrics: the last call's convolution
-    ("circular" or "linear") and FFT length.
-    """
-
-    def __init__(self, heads: int, head_dim: int, **options):
-        super().__init__()
-        check_options("fft", options, FFT_OPTIONS)
-        buckets = options.pop("buckets", DEFAULT_BUCKETS)
-        content = options.pop("content", False)
-        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **options)
-        self.mixing = FFTToroidalMixing(heads, self.config.depth, buckets, content)
-        self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
-        self._plan: tuple[str, int] | None = None
-
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
-        cfg = self.config
-        n = k.shape[-2]
-        period = cfg.period if cfg.period is not None else (cfg.max_len if causal else n)
-        out = self.mixing(
-            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
-            window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,
-        )  # fmt: skip
-        self._plan = convolution_plan(n, period, causal, key_padding_mask is not None)
-        return self.fusion(out)
-
-    def get_metrics(self) -> dict:
-        if self._plan is None:
-            return {}
-        return {"convolution": self._plan[0], "fft_length": self._plan[1]}
-
-    def reset_metrics(self) -> None:
-        self._plan = None
-
-
-# Registered here, not in toroidal.mechanisms (which imports this module at its end): this
-# module needs the registry's base classes, and so either import order works.
-register_mechanism(
-    Mechanism(
-        "fft",
-        "FFT approximation of toroidal attention: content-free circulant mixing on the torus, O(N log N)",
-        FFTToroidalKernel,
-        accepts=FFT_OPTIONS,
-        approximates="toroidal",
-    )
-)

@@ -89,6 +89,21 @@ def selected_backend(q, k, v, *, backend: str = "auto", **kwargs) -> str:
     return resolve_backend(backend, plan_call(q, k, v, **kwargs).request).name
 
 
+def backend_for_shape(
+    shape: tuple[int, int, int, int], *, device="cpu", dtype=torch.float32, training=False, backend="auto",
+    **kwargs,
+) -> str:  # fmt: skip
+    """The backend `toroidal_attention` would run for q, k, v of `shape` (B, H, N, e), `auto` resolved.
+
+    Uses stride-0 stand-ins: nothing is allocated or computed. `kwargs` are
+    `toroidal_attention`'s torus keywords. Raises `BackendUnavailable` where the call would.
+    """
+    with torch.set_grad_enabled(training):
+        stand_in = torch.empty((), device=device, dtype=dtype, requires_grad=training)
+        q = stand_in.expand(shape)
+        return selected_backend(q, q, q, backend=backend, **kwargs)
+
+
 def toroidal_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal import memory
+from toroidal.runtime import memory
 from toroidal_cli import render
 from toroidal_cli.memory_check import verdict
 

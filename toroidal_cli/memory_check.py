@@ -1,6 +1,6 @@
 """Fail fast on size: refuse a run whose estimated peak memory exceeds what its device has free.
 
-The estimate comes from the library (`toroidal.memory`); this module words the verdict: the
+The estimate comes from the library (`toroidal.runtime.memory`); this module words the verdict: the
 estimate, what is available, and the nearest configuration that fits (the batch halved
 first, then the sequence length). `TOROIDAL_MEMORY_LIMIT_GB` replaces the available memory,
 for a machine whose free memory is misreported or an estimate the user knows is too high.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toroidal import memory
+from toroidal.runtime import memory
 from toroidal_cli.errors import UserError
 
 OVERRIDE_HINT = f"or set {memory.LIMIT_VARIABLE} (GiB) to override the available memory"
@@ -63,7 +63,7 @@ def refuse_if_too_big(footprint: memory.Footprint, **flags: str) -> None:
 
 def sweep_memory_line(sweep) -> str:
     """A bench sweep's largest estimated row, and how many rows would be skipped for memory."""
-    from toroidal.bench import case_backend, case_estimate
+    from toroidal.bench.core import case_backend, case_estimate
     from toroidal.kernels import BackendUnavailable
 
     estimates, cases = [], sweep.cases()
@@ -95,7 +95,7 @@ def module_footprint(case) -> memory.Footprint | None:
 
     import torch
 
-    from toroidal.bench import case_backend, case_shape
+    from toroidal.bench.core import case_backend, case_shape
 
     if case.mechanism != "toroidal":
         return None

@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
-from toroidal import devices
+from toroidal.runtime import devices
 from toroidal_cli.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

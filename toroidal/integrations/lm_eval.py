@@ -40,8 +40,8 @@ import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
-from toroidal.longcontext.sources import LoadedModel, ModelSpec, load_model
 from toroidal.mechanisms import get_mechanism
+from toroidal.training.loading import LoadedModel, ModelSpec, load_model
 
 MODEL_NAME = "toroidal"
 # HFLM arguments that make sense for a model built here (the others load models from names).

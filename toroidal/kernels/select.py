@@ -1,9 +1,9 @@
 """Choosing a backend: explicit names are checked; `auto` takes a tuning table's measured choice
-(`toroidal.tuning`) where one covers the call, else the first valid one in preference order."""
+(`toroidal.kernels.tuning_table`) where one covers the call, else the first valid one in preference order."""
 
 from __future__ import annotations
 
-from toroidal import tuning
+from toroidal.kernels import tuning_table
 from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
 
 # Fastest first, per device type, for large calls; see `_auto_order` for size rules.
@@ -46,17 +46,41 @@ def _auto_order(request: KernelRequest) -> list[str]:
     return [name for name in order if name in backend_names()]
 
 
+_decisions: dict[KernelRequest, Backend] = {}
+_MAX_DECISIONS = 4096  # decoding asks with a new key length every token: start over past this
+_decided_with: tuple = ()  # (tuning table generation, registered backends) the decisions were made with
+
+
+def _choose(request: KernelRequest) -> Backend:
+    tuned = tuning_table.tuned_backend(request)  # `toroidal bench --tune` measured it, where a table says
+    if tuned is not None:
+        return tuned
+    for candidate in _auto_order(request):
+        backend = get_backend(candidate)
+        if backend.unavailable_reason(request) is None:
+            return backend
+    raise BackendUnavailable("no registered backend can serve this call")
+
+
+def forget_decisions() -> None:
+    """Make `auto` decide again (after registering a backend, or for a test)."""
+    _decisions.clear()
+
+
 def resolve_backend(name: str, request: KernelRequest) -> Backend:
     """The backend named `name` (or chosen by `auto`), checked against `request`."""
     if name == "auto":
-        tuned = tuning.tuned_backend(request)  # `toroidal bench --tune` measured it, where a table says
-        if tuned is not None:
-            return tuned
-        for candidate in _auto_order(request):
-            backend = get_backend(candidate)
-            if backend.unavailable_reason(request) is None:
-                return backend
-        raise BackendUnavailable("no registered backend can serve this call")
+        global _decided_with
+        state = (tuning_table.generation(), *backend_names())
+        if state != _decided_with:  # a new table or backend: decide again
+            _decisions.clear()
+            _decided_with = state
+        backend = _decisions.get(request)
+        if backend is None:
+            if len(_decisions) >= _MAX_DECISIONS:
+                _decisions.clear()
+            backend = _decisions[request] = _choose(request)
+        return backend
     backend = get_backend(name)
     reason = backend.unavailable_reason(request)
     if reason is not None:

@@ -13,8 +13,8 @@ lm-eval nor datasets; running does.
 """
 
 from toroidal.longcontext.runner import LongContextConfig, LongContextResult, ProgressEvent, run
-from toroidal.longcontext.sources import LoadedModel, ModelSpec, load_model
 from toroidal.longcontext.tasks import LONGBENCH, SCROLLS, SUITES, resolve_tasks
+from toroidal.training.loading import LoadedModel, ModelSpec, load_model
 
 __all__ = [
     "LONGBENCH",

@@ -25,10 +25,10 @@ from unittest import mock
 
 import torch
 
-from toroidal.longcontext.sources import ModelSpec
 from toroidal.longcontext.tasks import SUITES, SYNTHETIC, TaskRequest, resolve_tasks, write_variants
 from toroidal.training.errors import SetupError
 from toroidal.training.hub import hub_unreachable_reason
+from toroidal.training.loading import ModelSpec
 
 RUNS = ("auto", "toroidal", "baseline")
 OFFLINE_FIX = (

@@ -37,7 +37,7 @@ SPLIT = "test"  # the passkey stream training never sees
 
 @lru_cache(maxsize=8)
 def _tokenizer(checkpoint: str | None, pretrained: str | None, tokenizer: str | None):
-    from toroidal.longcontext.sources import load_tokenizer_for
+    from toroidal.training.loading import load_tokenizer_for
 
     return load_tokenizer_for(checkpoint, pretrained, tokenizer)
 

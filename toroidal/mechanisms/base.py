@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,6 +31,19 @@ class KernelModule(nn.Module):
 
     def reset_metrics(self) -> None:
         """Forget the measured metrics (nothing to forget by default)."""
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """A mechanism: a name, a one-line description and its kernel builder."""
+
+    name: str
+    description: str
+    build_kernel: Callable[..., KernelModule]  # (heads, head_dim, **options) -> kernel module
+    accepts: tuple[str, ...] = ()  # the option names `build_kernel` takes
+    # The mechanism this one approximates ("toroidal", "standard"), or None when it is exact
+    # or a different attention altogether; `toroidal bench` reports the error against it.
+    approximates: str | None = None
 
 
 def check_options(mechanism: str, options: dict, accepted: tuple[str, ...]) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from toroidal.config import ToroidalConfig
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
-from toroidal.mechanisms.base import KernelModule, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
 
 
 def _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, device) -> torch.Tensor | None:
@@ -70,3 +70,12 @@ class ToroidalKernel(KernelModule):
             q_offset=q_offset,
         )  # fmt: skip
         return self.fusion(out)
+
+
+STANDARD = Mechanism("standard", "plain softmax attention (scaled_dot_product_attention)", StandardKernel)
+TOROIDAL = Mechanism(
+    "toroidal",
+    "toroidal attention: ring positions, D platters, torus bias",
+    ToroidalKernel,
+    accepts=TOROIDAL_OPTIONS,
+)

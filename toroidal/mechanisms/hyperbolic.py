@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from toroidal.mechanisms.base import KernelModule, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
 
 HYPERBOLIC_OPTIONS = (
     "curvature",
@@ -258,3 +258,11 @@ class HyperbolicKernel(KernelModule):
     def reset_metrics(self) -> None:
         self._points = self._clipped = self._values_projected = 0
         self._max_norm = torch.zeros(())
+
+
+MECHANISM = Mechanism(
+    "hyperbolic",
+    "attention on the Poincaré ball: scores -beta * geodesic distance, values at their gyromidpoint",
+    HyperbolicKernel,
+    accepts=HYPERBOLIC_OPTIONS,
+)

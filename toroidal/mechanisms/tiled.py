@@ -45,7 +45,7 @@ from toroidal.config import ToroidalConfig
 from toroidal.functional import from_platters, plan_call
 from toroidal.fusion import DepthFusion
 from toroidal.geometry import TorusGeometry, ring_distance
-from toroidal.mechanisms.base import KernelModule, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
 
 TORUS_OPTIONS = ("depth", "lambda_distance", "period", "window", "max_len", "fusion", "fusion_rank")
 TILED_OPTIONS = (*TORUS_OPTIONS, "tile_size", "budget", "summaries", "local_tiles")
@@ -443,3 +443,10 @@ class TiledKernel(KernelModule):
         self._counts, self._calls = TileCounts(), 0
 
 
+MECHANISM = Mechanism(
+    "tiled",
+    "adaptive tiles of the torus: the top `budget` key tiles exact, the others pooled",
+    TiledKernel,
+    accepts=TILED_OPTIONS,
+    approximates="toroidal",
+)

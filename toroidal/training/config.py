@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from toroidal.adaptive import adaptive_run
+from toroidal.mechanisms.adaptive import adaptive_run
 from toroidal.training.data import DataOptions, parse_dataset_spec
 from toroidal.training.errors import SetupError
 from toroidal.training.mechanism import (
@@ -30,7 +30,7 @@ class TrainConfig:
     attention: str | None = None  # the old name of `mechanism`: toroidal or baseline (= standard)
     mechanism: str | None = None  # a registered mechanism; None: from `attention`, else toroidal
     mechanism_options: dict = field(default_factory=dict)  # options of a mechanism other than toroidal
-    adaptive_depth: bool = False  # the `adaptive` mechanism (toroidal.adaptive): a learned depth
+    adaptive_depth: bool = False  # the `adaptive` mechanism (toroidal.mechanisms.adaptive): a learned depth
     min_depth: int | None = None  # its fewest platters (None: 1); sets its min_depth option
     depth: int = 2
     lambda_distance: float = 0.1

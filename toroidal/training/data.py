@@ -19,16 +19,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 from toroidal.training.errors import SetupError
 from toroidal.training.hub import require_hub
+from toroidal.training.text_files import (
+    load_code_texts,
+    parse_code_spec,
+    read_text_file,
+    split_text,
+)
 
 SYNTHETIC = ("periodic", "sinusoidal", "passkey")
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
-VALIDATION_FRACTION = 0.1
 OFFLINE_TEXT_FIX = (
     "offline, use --dataset text:PATH with a local file (e.g. text:../shared/data/wikitext-2/valid.txt)"
 )
@@ -68,8 +72,6 @@ def parse_dataset_spec(spec: str) -> DataSpec:
     if kind == "text" and rest:
         return DataSpec("text", path=rest)
     if kind == "code" and rest:
-        from toroidal.training.code_data import parse_code_spec
-
         path, extensions = parse_code_spec(rest)
         return DataSpec("code", path=path, extensions=extensions)
     if kind == "hf" and rest:
@@ -238,25 +240,6 @@ class TextDataset(LMDataset):
 # --- text sources ----------------------------------------------------------------------------------
 
 
-def read_text_file(path: str) -> str:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a folder" if file.is_dir() else "does not exist"
-        raise SetupError(f"text file {path} {what}", "pass --dataset text:PATH with an existing text file")
-    try:
-        return file.read_text(encoding="utf-8", errors="replace")
-    except OSError as error:
-        raise SetupError(f"cannot read text file {path}: {error.strerror}", "check the path") from None
-
-
-def split_text(text: str, fraction: float = VALIDATION_FRACTION) -> tuple[str, str]:
-    """(first part, last `fraction`), cut at a line start so no line is split."""
-    cut = int(len(text) * (1 - fraction))
-    newline = text.find("\n", cut)
-    cut = newline + 1 if newline != -1 else cut
-    return text[:cut], text[cut:]
-
-
 def _join_rows(rows) -> str:
     return "".join(row if row.endswith("\n") else row + "\n" for row in rows if isinstance(row, str))
 
@@ -295,8 +278,6 @@ def load_train_texts(spec: DataSpec) -> dict[str, str]:
         train, validation = split_text(read_text_file(spec.path))
         return {"train": train, "validation": validation}
     if spec.kind == "code":
-        from toroidal.training.code_data import load_code_texts
-
         return load_code_texts(spec.path, spec.extensions)
     texts = _hub_texts(spec)
     train = _pick(texts, ("train",)) or next(iter(texts.values()))

@@ -3,7 +3,7 @@
 The host model's shape comes from its config (a preset, a model folder's config.json, a run
 folder's saved model config, or the hub's config file when the user named a hub model); its
 parameter count from building it on the `meta` device, which allocates nothing. The formulas
-are in `toroidal.memory`.
+are in `toroidal.runtime.memory`.
 
     fit = train_footprint(TrainConfig(model="small", seq_len=1024, batch_size=16))
     fit.estimate.total, fit.device, fit.at(batch=4, seq_len=1024)
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from toroidal import memory
+from toroidal.functional import backend_for_shape
+from toroidal.kernels import BackendUnavailable
+from toroidal.runtime import memory
 from toroidal.training.config import TrainConfig
 from toroidal.training.distributed import DistInfo
 from toroidal.training.errors import SetupError
@@ -67,27 +69,16 @@ def _chosen_backend(
     shape: memory.ModelShape, options: dict, batch: int, seq_len: int, training: bool, device
 ):
     """The backend toroidal layers will run (auto resolved as the kernel resolves it)."""
-    from toroidal.bench import BenchCase, case_backend
-    from toroidal.kernels import BackendUnavailable
-
     period = options.get("period") or seq_len  # causal language models: P = period or the context
-    case = BenchCase(
-        backend=options.get("backend", "auto"),
-        seq_len=seq_len,
-        depth=options["depth"],
-        batch=batch,
-        heads=shape.heads,
-        d_model=shape.heads * shape.head_dim,
-        mode="fwd+bwd" if training else "fwd",
-        window=options.get("window"),
-        lambda_distance=options.get("lambda_distance", 0.1),
-        period=period,
-        device=str(device),
-    )
+    backend = options.get("backend", "auto")
     try:
-        return case_backend(case)
+        return backend_for_shape(
+            (batch, shape.heads, seq_len, shape.head_dim), device=str(device), training=training,
+            backend=backend, depth=options["depth"], lambda_distance=options.get("lambda_distance", 0.1),
+            period=period, causal=True, window=options.get("window"),
+        )  # fmt: skip
     except (BackendUnavailable, ValueError):  # the run will say why; estimate as for the named backend
-        return case.backend if case.backend != "auto" else "reference"
+        return backend if backend != "auto" else "reference"
 
 
 def _toroidal(shape, options, layers, batch, seq_len, training, device) -> memory.ToroidalLayers:

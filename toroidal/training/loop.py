@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from toroidal.adaptive import adaptive_metrics, auxiliary_loss, reset_adaptive_metrics
-from toroidal.devices import DeviceError, parse_device
+from toroidal.mechanisms.adaptive import adaptive_metrics, auxiliary_loss, reset_adaptive_metrics
+from toroidal.runtime.devices import DeviceError, parse_device
 from toroidal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toroidal.training.config import TrainConfig
 from toroidal.training.data import (

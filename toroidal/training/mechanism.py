@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from toroidal.mechanisms import get_mechanism, mechanism_names
-from toroidal.mechanisms.hf import (
+from toroidal.integrations.transformers.mechanisms import (
     apply_mechanism,
     mechanism_layers,
     mechanism_metrics,
     reset_mechanism_metrics,
     summarize_metrics,
 )
+from toroidal.mechanisms import get_mechanism, mechanism_names
 from toroidal.training.errors import SetupError
 
 DEFAULT_MECHANISM = "toroidal"

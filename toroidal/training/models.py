@@ -272,7 +272,7 @@ def load_checkpoint_model(
     from transformers import AutoModelForCausalLM
 
     from toroidal.integrations.transformers import FUSION_ATTR, load_toroidal_weights
-    from toroidal.mechanisms.hf import KERNEL_ATTR, load_mechanism_weights
+    from toroidal.integrations.transformers.mechanisms import KERNEL_ATTR, load_mechanism_weights
     from toroidal.training.mechanism import add_mechanism
 
     try:

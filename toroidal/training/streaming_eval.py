@@ -1,7 +1,7 @@
 """`toroidal eval --streaming`: the same metrics with the model fed one token at a time on `LatentKV` states.
 
 Every toroidal layer keeps a constant-size latent state instead of attending to all
-earlier keys (`toroidal.integrations.streaming`); the samples, targets and metric
+earlier keys (`toroidal.integrations.transformers.streaming`); the samples, targets and metric
 definitions are those of the normal evaluation, so the two sets of numbers compare
 directly. The update parameters are fresh (seeded by the evaluation seed), not trained.
 """
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from toroidal.integrations.streaming import check_streamable, stream_logits, streaming_layers
+from toroidal.integrations.transformers.streaming import check_streamable, stream_logits, streaming_layers
 from toroidal.streaming import UPDATES
 from toroidal.training.errors import SetupError
 from toroidal.training.metrics import evaluate_lm

@@ -13,9 +13,10 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal import tuning
-from toroidal.bench import KEY_FIELDS, BenchSweep, can_isolate, run_sweep
+from toroidal.bench import tune as tuning_run
+from toroidal.bench.core import KEY_FIELDS, BenchSweep, can_isolate, run_sweep
 from toroidal.kernels import backend_names
+from toroidal.kernels import tuning_table as tuning
 from toroidal.mechanisms import mechanism_names
 from toroidal_cli import dryrun, render
 from toroidal_cli.commands import plot as plot_command
@@ -513,7 +514,7 @@ def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
     check_out_path(path, "--tune-out")
     with render.progress() as bar:
         task = bar.add_task("tune", total=None)
-        measured = tuning.tune(sweep, on_case=lambda label: bar.update(task, description=f"tune {label}"))
+        measured = tuning_run.tune(sweep, on_case=lambda label: bar.update(task, description=f"tune {label}"))
     if not measured.entries:
         raise UserError("no backend could run any shape of the sweep", "check --device, --dtype, the shapes")
     try:
@@ -530,6 +531,7 @@ def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
     title = f"fastest backend per shape bucket on {sweep.device}"
     render.console.print(render.table(rows, columns, title=title))
     written = tuning.write_table(table, path)
+    tuning.reload()  # later calls in this process follow the new table
     render.console.print(f"wrote {written} ({len(table.entries)} buckets; backend=auto reads it)")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from toroidal import plots
+from toroidal.training import attention_maps
 from toroidal.training.data import MAX_SEED
 from toroidal.training.errors import CheckpointError
 from toroidal_cli import dryrun, render
@@ -199,7 +200,7 @@ def _random_module_weights(settings: dict):
             f"keep --seq-len x --depth <= {MAX_ATTENTION_TOKENS}",
         )
     try:
-        return plots.attention_weights(
+        return attention_maps.attention_weights(
             settings["seq_len"],
             settings["depth"],
             lambda_distance=settings["lambda"],
@@ -216,7 +217,7 @@ def _random_module_weights(settings: dict):
 
 def _trained_weights(settings: dict):
     try:
-        return plots.trained_attention_weights(
+        return attention_maps.trained_attention_weights(
             settings["checkpoint"],
             settings["text"],
             layer=settings["layer"],

@@ -17,10 +17,10 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal.bench import BenchCase, case_backend, sweep_options
+from toroidal.bench.core import BenchCase, case_backend, sweep_options
+from toroidal.bench.profile import ProfileSpec, profile_attention
 from toroidal.config import ToroidalConfig
 from toroidal.kernels import BackendUnavailable
-from toroidal.profiling import ProfileSpec, profile_attention
 from toroidal_cli import dryrun, render
 from toroidal_cli.commands.bench import (
     AXES,

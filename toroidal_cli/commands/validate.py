@@ -10,7 +10,7 @@ import typer
 
 from toroidal.kernels import backend_names
 from toroidal.mechanisms import mechanism_names
-from toroidal.validation import CheckResult, run_check, summarize, validation_suite
+from toroidal.validate import CheckResult, run_check, summarize, validation_suite
 from toroidal_cli import dryrun, render
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import check_out_path, dtype_name, invocation_argv, parse_device, parse_dtype

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from toroidal.config import ToroidalConfig
-from toroidal.integrations.transformers import (
+from toroidal.integrations.transformers.host import (
     _chosen_layers,
     _fallback_function,
     _head_shape,
@@ -266,7 +266,7 @@ def load_mechanism_weights(model: nn.Module, source) -> None:
     `source`: a save directory, a .safetensors file or a state dict. A toroidal model
     loads its fusion parameters; a standard model has nothing to load.
     """
-    from toroidal.integrations.transformers import load_toroidal_weights
+    from toroidal.integrations.transformers.host import load_toroidal_weights
 
     if is_toroidal(model):
         load_toroidal_weights(model, source)

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import toroidal.attention as attention_module
 from toroidal.attention import ToroidalAttention
-from toroidal.bench import DTYPES, GpuTelemetry
+from toroidal.bench.core import DTYPES, GpuTelemetry
 from toroidal.config import ToroidalConfig
 from toroidal.functional import selected_backend
 from toroidal.mechanisms import build_attention

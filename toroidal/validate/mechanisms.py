@@ -19,7 +19,7 @@ import torch
 
 from toroidal.functional import toroidal_attention
 from toroidal.mechanisms import build_kernel, get_mechanism
-from toroidal.validation import (
+from toroidal.validate.report import (
     FAIL,
     KERNEL_TOLERANCE,
     NO_LEAK_TOLERANCE,

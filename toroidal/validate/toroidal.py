@@ -1,20 +1,10 @@
-"""Checks that the installed library computes what DESIGN.md defines, as plain functions.
-
-Each check returns a list of `CheckResult` (name, pass/fail/skip, measured error,
-tolerance, detail). Nothing here prints: `toroidal validate` renders the results, and
-tests call the functions directly.
-
-Module-level properties (distances, shift invariance, causality, gradients, the
-research snippet) are checked in float32 on the requested device; the backend checks
-run in the requested dtype and compare every registered backend with `reference`
-computed in float32 on the same (rounded) inputs.
-"""
+"""The checks of toroidal attention itself: distances, shift invariance, causality, gradients,
+rotary orthogonality, and every backend against `reference` (values, gradients, padded rows)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -24,45 +14,20 @@ from toroidal.functional import toroidal_attention
 from toroidal.geometry import ring_distance, toroidal_distance
 from toroidal.kernels import BackendUnavailable, backend_names, get_backend
 from toroidal.rope import orthogonality_score
-
-PASS, FAIL, SKIP = "pass", "fail", "skip"
-
-# Max abs error allowed between a backend and the float32 reference, for unit-scale inputs.
-KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-PROPERTY_TOLERANCE = 1e-5  # float32 module-level properties
-NO_LEAK_TOLERANCE = 1e-6
-GRAD_NORM_BOUND = 1e3  # generous: unit-scale inputs give norms of order 1-10
-ORTHOGONAL_MAX_SCORE = 0.1
-
-
-@dataclass
-class CheckResult:
-    """One line of a validation report. `error` and `tolerance` are None where nothing is measured."""
-
-    name: str
-    status: str
-    error: float | None = None
-    tolerance: float | None = None
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def verdict(name: str, error: float, tolerance: float, detail: str = "") -> CheckResult:
-    """Pass iff `error` is finite and at most `tolerance` (a NaN error always fails)."""
-    error = float(error)
-    ok = math.isfinite(error) and error <= tolerance
-    return CheckResult(name, PASS if ok else FAIL, error, tolerance, detail)
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max |a - b| in float64 on the CPU; NaN if either side has a NaN or infinity."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return math.nan
-    return float((a - b).abs().max()) if a.numel() else 0.0
-
+from toroidal.validate.report import (
+    FAIL,
+    GRAD_NORM_BOUND,
+    KERNEL_TOLERANCE,
+    NO_LEAK_TOLERANCE,
+    ORTHOGONAL_MAX_SCORE,
+    PASS,
+    PROPERTY_TOLERANCE,
+    SKIP,
+    CheckResult,
+    max_abs_diff,
+    reason_of,
+    verdict,
+)
 
 # --- distances ---------------------------------------------------------------------------------
 
@@ -379,11 +344,9 @@ def _unavailable(error: BackendUnavailable, name: str) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
-def _reason(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
-def _selected(backends) -> list[str]:
+def selected_backends(backends) -> list[str]:
     names = backend_names()
     if backends is None:
         return [name for name in names if name != "reference"]
@@ -405,7 +368,7 @@ def check_backends(
     checked and its gradients skipped.
     """
     device, tolerance = torch.device(device), KERNEL_TOLERANCE[dtype]
-    names = _selected(backends)
+    names = selected_backends(backends)
     references = []
     for case in cases:
         inputs = _case_inputs(case, device, dtype)
@@ -420,14 +383,14 @@ def check_backends(
             except BackendUnavailable as error:
                 values.skip(_unavailable(error, name))
             except Exception as error:  # a crashing backend is a failing backend
-                values.fail(_reason(error), case)
+                values.fail(reason_of(error), case)
             try:
                 got = _gradients(name, case, inputs)
                 grads.add(max(max_abs_diff(g, r) for g, r in zip(got, ref_grads, strict=True)), case)
             except BackendUnavailable as error:
                 grads.skip(_unavailable(error, name))
             except Exception as error:
-                grads.fail(_reason(error), case)
+                grads.fail(reason_of(error), case)
         results.append(values.result(f"backend {name}: values", tolerance, len(cases)))
         results.append(grads.result(f"backend {name}: gradients", tolerance, len(cases)))
     return results
@@ -449,7 +412,7 @@ def check_padded_rows(
     empty[1] = True
     inputs = (q, k, v, mask, cotangent)
     results = []
-    for name in ["reference"] + _selected(backends):
+    for name in ["reference"] + selected_backends(backends):
         label = f"padded rows: {name}"
         detail = "max |out| on empty rows"
         try:
@@ -458,7 +421,7 @@ def check_padded_rows(
             results.append(CheckResult(label, SKIP, None, NO_LEAK_TOLERANCE, _unavailable(error, name)))
             continue
         except Exception as error:
-            results.append(CheckResult(label, FAIL, None, NO_LEAK_TOLERANCE, _reason(error)))
+            results.append(CheckResult(label, FAIL, None, NO_LEAK_TOLERANCE, reason_of(error)))
             continue
         if not torch.isfinite(out).all():
             results.append(
@@ -477,7 +440,7 @@ def check_padded_rows(
         except BackendUnavailable as unavailable:
             detail += f"; grads skipped: {_unavailable(unavailable, name)}"
         except Exception as crash:
-            results.append(CheckResult(label, FAIL, error, NO_LEAK_TOLERANCE, _reason(crash)))
+            results.append(CheckResult(label, FAIL, error, NO_LEAK_TOLERANCE, reason_of(crash)))
             continue
         results.append(verdict(label, error, NO_LEAK_TOLERANCE, detail))
     return results
@@ -485,66 +448,3 @@ def check_padded_rows(
 
 # --- the suite ---------------------------------------------------------------------------------
 
-Check = Callable[[], list[CheckResult]]
-
-
-def validation_suite(
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    quick: bool = False,
-    backends: list[str] | None = None,
-    mechanism: str = "toroidal",
-) -> list[tuple[str, Check]]:
-    """The checks of `toroidal validate`, as (group name, zero-argument function) pairs, in run order.
-
-    Another `mechanism` gets the checks of `toroidal.mechanism_checks` instead."""
-    device = torch.device(device)
-    if dtype not in KERNEL_TOLERANCE:
-        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    if mechanism != "toroidal":
-        from toroidal.mechanism_checks import mechanism_suite  # it builds on this module
-
-        return mechanism_suite(mechanism, device, dtype)
-    _selected(backends)  # fail early on an unknown backend name
-    cases = QUICK_CASES if quick else FULL_CASES
-    from toroidal.stream_checks import check_decoding  # it builds on this module
-
-    return [
-        ("distances", check_geometry),
-        ("rope orthogonality", check_orthogonality),
-        ("shift invariance", lambda: check_shift_invariance(device)),
-        ("causal no-leak", lambda: check_causal_no_leak(device)),
-        ("module gradients", lambda: check_module_gradients(device)),
-        ("research snippet", lambda: check_research_snippet(device)),
-        ("backends vs reference", lambda: check_backends(device, dtype, cases, backends)),
-        ("padded rows", lambda: check_padded_rows(device, dtype, backends)),
-        ("decoding", lambda: check_decoding(device)),
-    ]
-
-
-def run_check(group: str, check: Check, seed: int = 0) -> list[CheckResult]:
-    """Run one check with a fixed seed (the caller's RNG is kept); a crash is a failure, not an abort."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            return check()
-        except Exception as error:
-            return [CheckResult(group, FAIL, None, None, _reason(error))]
-
-
-def run_validation(
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    quick: bool = False,
-    backends: list[str] | None = None,
-    mechanism: str = "toroidal",
-) -> list[CheckResult]:
-    results = []
-    for group, check in validation_suite(device, dtype, quick, backends, mechanism):
-        results.extend(run_check(group, check))
-    return results
-
-
-def summarize(results: list[CheckResult]) -> dict:
-    counts = {status: sum(r.status == status for r in results) for status in (PASS, FAIL, SKIP)}
-    return {**counts, "total": len(results), "ok": counts[FAIL] == 0}

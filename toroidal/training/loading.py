@@ -30,7 +30,7 @@ from toroidal.integrations.transformers import (
     remove_toroidal,
     toroidal_layers,
 )
-from toroidal.mechanisms.hf import remove_mechanism
+from toroidal.integrations.transformers.mechanisms import remove_mechanism
 from toroidal.training.errors import SetupError
 from toroidal.training.mechanism import add_mechanism, kernel_options, resolve_mechanism
 from toroidal.training.models import (

@@ -44,8 +44,7 @@ from torch import nn
 from toroidal.config import ToroidalConfig
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
-from toroidal.mechanisms import Mechanism, register_mechanism
-from toroidal.mechanisms.base import KernelModule, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
 from toroidal.mechanisms.builtin import TOROIDAL_OPTIONS
 
 GATINGS = ("straight_through", "soft")
@@ -375,14 +374,10 @@ def reset_adaptive_metrics(model: nn.Module) -> None:
         kernel.reset_metrics()
 
 
-# Registered here rather than in toroidal.mechanisms, which imports this module at its end:
-# this module needs the package's base classes, so either import order then works.
-register_mechanism(
-    Mechanism(
-        "adaptive",
-        "toroidal attention whose depth a learned gate picks per sequence, head and block",
-        AdaptiveDepthKernel,
-        accepts=ADAPTIVE_OPTIONS,
-        approximates="toroidal",
-    )
+MECHANISM = Mechanism(
+    "adaptive",
+    "toroidal attention whose depth a learned gate picks per sequence, head and block",
+    AdaptiveDepthKernel,
+    accepts=ADAPTIVE_OPTIONS,
+    approximates="toroidal",
 )

@@ -1,7 +1,7 @@
 """Toroidal attention inside Hugging Face transformers models ("kernel mode").
 
     from toroidal import ToroidalConfig
-    from toroidal.integrations.transformers import apply_toroidal, remove_toroidal
+    from toroidal.integrations.transformers.host import apply_toroidal, remove_toroidal
 
     apply_toroidal(model, ToroidalConfig(depth=2, lambda_distance=0.1, rope="none"), layers=[0, 1])
     ...
@@ -283,7 +283,7 @@ def _toroidal_forward(module, query, key, value, attention_mask, scaling=None, i
             f"got queries {tuple(query.shape)} (B, H, N, e)"
         )
     stream = getattr(module, "toroidal_stream", None)
-    if stream is not None:  # streaming (toroidal.integrations.streaming): a latent state instead of keys
+    if stream is not None:  # streaming (.streaming): a latent state instead of keys
         return stream.step(module, query, key, value, scaling)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     keys = host_keys(f"toroidal layer {state.layer}", attention_mask, n_q, n_k, causal)

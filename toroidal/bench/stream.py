@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from toroidal.attention import ToroidalAttention
-from toroidal.bench import (
+from toroidal.bench.core import (
     DTYPES,
     ERROR,
     OK,

@@ -17,12 +17,12 @@ import statistics
 import torch
 
 from toroidal.attention import ToroidalAttention
-from toroidal.bench import BenchCase, Timing
+from toroidal.bench.core import BenchCase, Timing
+from toroidal.bench.stream import LATENT_SIZE, UPDATE, context_bytes, measure_decode_step
 from toroidal.config import ToroidalConfig
 from toroidal.kv_cache import KVCache
-from toroidal.stream_bench import LATENT_SIZE, UPDATE, context_bytes, measure_decode_step
 from toroidal.streaming import StreamingToroidalAttention
-from toroidal.validation import PASS, PROPERTY_TOLERANCE, CheckResult, max_abs_diff, verdict
+from toroidal.validate.report import PASS, PROPERTY_TOLERANCE, CheckResult, max_abs_diff, verdict
 
 N, CHUNKS = 12, (5, 1, 6)
 COST_CASE = dict(backend="auto", seq_len=1024, depth=4, batch=1, heads=4, d_model=256, mode="stream")

@@ -1,14 +1,6 @@
-"""Source code of a local repository as a text dataset (`--dataset code:DIR[:EXT,EXT]`).
-
-Files are found by extension under DIR (default: `DEFAULT_EXTENSIONS`), in sorted path
-order, skipping hidden and vendored folders (`.git`, `node_modules`, `vendor`, build
-outputs, ...), symbolic links, files over `MAX_FILE_BYTES` and binary files (a NUL byte in
-the first 8 KiB). Whole files go to one split: a file is in validation when the hash of
-its path relative to DIR falls in the last `VALIDATION_FRACTION` of the range, so the
-split is the same on every machine and a new file never moves the others (a repository
-where no file hashes into validation holds out its last file). Files are joined in path
-order, each ending with a newline, separated by a blank line.
-"""
+"""Text from local files: a text file (`--dataset text:PATH`) with its held-out last tenth, and the
+source files of a repository (`--dataset code:DIR[:EXT,EXT]`), split by a hash of each path so
+that the split is the same on every machine."""
 
 from __future__ import annotations
 
@@ -124,11 +116,28 @@ def load_code_texts(folder: str, extensions: tuple[str, ...] | None) -> dict[str
 
     A folder with a single file splits that file like a text file (last 10% for validation).
     """
-    from toroidal.training.data import split_text
-
     files = code_files(folder, extensions)
     if len(files) == 1:
         train, validation = split_text(read_code(files), VALIDATION_FRACTION)
         return {"train": train, "validation": validation}
     train, validation = split_files(folder, files)
     return {"train": read_code(train), "validation": read_code(validation)}
+
+
+def read_text_file(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise SetupError(f"text file {path} {what}", "pass --dataset text:PATH with an existing text file")
+    try:
+        return file.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise SetupError(f"cannot read text file {path}: {error.strerror}", "check the path") from None
+
+
+def split_text(text: str, fraction: float = VALIDATION_FRACTION) -> tuple[str, str]:
+    """(first part, last `fraction`), cut at a line start so no line is split."""
+    cut = int(len(text) * (1 - fraction))
+    newline = text.find("\n", cut)
+    cut = newline + 1 if newline != -1 else cut
+    return text[:cut], text[cut:]

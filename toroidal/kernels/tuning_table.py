@@ -1,10 +1,9 @@
 """Tuning tables: the measured fastest backend (and tile size) per device, dtype and shape bucket.
 
-`toroidal bench --tune` times every available backend (or those the sweep names), and
-`blockwise` at several tile sizes, on the sweep's shapes (`tune`) and writes the winners to a JSON table
-(`write_table`). `backend="auto"` consults that table first (`tuned_backend`, called by
-`toroidal.kernels.select`): an entry for the call's bucket whose backend can serve the
-call decides; otherwise the built-in defaults apply.
+`toroidal bench --tune` (`toroidal.bench.tune`) measures them; `auto` (`toroidal.kernels.select`)
+consults the table first: an entry for the call's bucket whose backend can serve the call
+decides, otherwise the built-in defaults apply. The table is read once per process, on the
+first `auto` call (`reload()` forgets it, so the next call reads the file again).
 
 A bucket is (device, dtype, query and key platter-tokens each rounded to the nearest
 power of two, causal, training). The device is `cpu`, or `cuda:<GPU name>`.
@@ -22,23 +21,19 @@ import functools
 import json
 import math
 import os
-import statistics
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
+from toroidal.kernels.base import Backend, KernelRequest, backend_names, get_backend
 
-SCHEMA = {"name": "toroidal.tuning", "version": 1}
+SCHEMA = {"name": "toroidal.kernels.tuning_table", "version": 1}
 ENV_VAR = "TOROIDAL_TUNING_FILE"
 _OFF = ("", "off", "none")
-TILE_CANDIDATES = (64, 128, 256, 512)  # blockwise tile sizes tried, in platter-tokens
-DEFAULT_MEMORY_GB = 4.0  # skip candidates whose (L x L) scores would exceed this (they run in-process)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -206,34 +201,44 @@ def write_table(table: TuningTable, path: str | os.PathLike) -> Path:
 
 # --- what `auto` reads --------------------------------------------------------------------------------
 
-_loaded: dict[Path, tuple[tuple[int, int], TuningTable | None]] = {}
+_UNREAD = object()
+_active = _UNREAD  # the process's table: unread, None (no table) or a TuningTable
+_generation = 0  # counts reloads, so that `auto`'s cached decisions know when to forget
+
+
+def reload() -> None:
+    """Forget the loaded table: the next `auto` call reads `default_path()` again."""
+    global _active, _generation
+    _active, _generation = _UNREAD, _generation + 1
+
+
+def generation() -> int:
+    """A number that changes whenever the table `auto` consults may have changed."""
+    return _generation
 
 
 def active_table() -> TuningTable | None:
-    """The table at `default_path()`, re-read only when the file changes; None if absent or invalid."""
+    """The table at `default_path()`, read once per process; None if absent, off or invalid."""
+    global _active
+    if _active is _UNREAD:
+        _active = _read_default()
+    return _active
+
+
+def _read_default() -> TuningTable | None:
     path = default_path()
-    if path is None:
-        return None
-    try:
-        stat = path.stat()
-    except OSError:
+    if path is None or not path.exists():
         return None  # no table: the built-in defaults apply
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    cached = _loaded.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
     try:
-        table = read_table(path)
+        return read_table(path)
     except TuningTableError as error:
-        # Once per file version: a bad cache file must not stop a training run, nor go unnoticed.
+        # A bad cache file must not stop a training run, nor go unnoticed.
         warnings.warn(
             f"{error}; ignoring it (rerun `toroidal bench --tune` or delete the file)",
             TuningTableWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        table = None
-    _loaded[path] = (stamp, table)
-    return table
+        return None
 
 
 def tuned_backend(request: KernelRequest) -> Backend | None:
@@ -247,106 +252,3 @@ def tuned_backend(request: KernelRequest) -> Backend | None:
         return None
     with_tile = getattr(backend, "with_tile", None)
     return with_tile(entry.tile) if entry.tile is not None and with_tile is not None else backend
-
-
-# --- measuring ------------------------------------------------------------------------------------------
-
-
-def _candidates(names: list[str], request: KernelRequest, tiles) -> list[tuple[str, Backend, int | None]]:
-    """(label, backend, tile) for each named backend; blockwise once per tile size."""
-    out = []
-    length = max(request.n_queries, request.n_keys) * request.geometry.depth
-    for name in names:
-        backend = get_backend(name)
-        if getattr(backend, "with_tile", None) is None:
-            out.append((name, backend, None))
-            continue
-        usable = [tile for tile in tiles if tile <= length] or [min(tiles)]
-        out += [(f"{name}/tile={tile}", backend.with_tile(tile), tile) for tile in usable]
-    return out
-
-
-def tune(sweep, *, tiles=TILE_CANDIDATES, on_case: Callable[[str], None] | None = None) -> TuningTable:
-    """Measure the backends that can serve each shape bucket of `sweep` (a `toroidal.bench.BenchSweep`).
-
-    The candidates are the sweep's backends, or every registered one when they include `auto`.
-    Runs in this process: timing only, with the sweep's repeats and threads and at least one
-    warm-up call (first calls compile, or build the caches later calls reuse).
-    Candidates whose materialized (L x L) scores would exceed the sweep's memory budget (default
-    DEFAULT_MEMORY_GB) are skipped, as are those that fail. `on_case(label)` before each bucket.
-    """
-    from toroidal import bench  # imported here: the bench imports the kernels, which import this module
-    from toroidal.functional import plan_call
-
-    device = torch.device(sweep.device)
-    if sweep.threads is not None:
-        torch.set_num_threads(sweep.threads)
-    budget_bytes = (sweep.memory_budget_gb or DEFAULT_MEMORY_GB) * 1024**3
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    names = backend_names() if "auto" in sweep.backend else list(dict.fromkeys(sweep.backend))
-    table = TuningTable()
-    for case in sweep.cases():
-        if case.problem() is not None:
-            continue
-        shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-        q, k, v = (
-            torch.randn(shape, device=device, dtype=bench.DTYPES[case.dtype], requires_grad=case.training)
-            for _ in range(3)
-        )
-        kwargs = {name: value for name, value in case.kernel_kwargs().items() if name != "backend"}
-        with torch.set_grad_enabled(case.training):
-            request = plan_call(q, k, v, **kwargs).request
-        bucket = Bucket.for_request(request)
-        if bucket in table.entries:
-            continue
-        if on_case is not None:
-            on_case(f"{bucket.dtype} L={case.platter_tokens} {'causal' if case.causal else 'bidirectional'}")
-        measured, skipped = {}, {}
-        for label, backend, _tile in _candidates(names, request, tiles):
-            reason = backend.unavailable_reason(request)
-            if reason is None and bench.materialized_bytes(backend.name, case) > budget_bytes:
-                reason = f"would materialize more than {budget_bytes / 1024**3:g} GiB of (L x L) scores"
-            if reason is not None:
-                skipped[label] = reason
-                continue
-            step = _step(backend, q, k, v, kwargs, case.training)
-            try:
-                times = bench.time_call(step, max(1, sweep.warmup), sweep.repeats, sync)
-            except (BackendUnavailable, RuntimeError, ValueError, MemoryError) as error:
-                skipped[label] = f"{type(error).__name__}: {error}".splitlines()[0]
-                continue
-            finally:
-                bench.clear_backend_caches()
-            measured[label] = statistics.median(times) * 1e3
-        if measured:
-            label = min(measured, key=measured.get)
-            name, _, tile = label.partition("/tile=")
-            table.entries[bucket] = TunedEntry(
-                bucket, name, int(tile) if tile else None, measured[label], measured, skipped
-            )
-    return table
-
-
-def _step(backend: Backend, q, k, v, kwargs: dict, training: bool) -> Callable[[], object]:
-    """One timed call of `backend` on the planned platter-token problem (and its backward)."""
-    from toroidal.functional import plan_call
-
-    def run():
-        call = plan_call(q, k, v, **kwargs)
-        out, _ = backend.forward(call.q, call.k, call.v, call.geometry, call.padding, call.scale, False)
-        return out
-
-    if not training:
-
-        def inference():
-            with torch.no_grad():
-                return run()
-
-        return inference
-
-    def train():
-        for t in (q, k, v):
-            t.grad = None
-        run().sum().backward()
-
-    return train

@@ -19,7 +19,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from toroidal.bench import (
+from toroidal.bench.core import (
     BenchCase,
     Measurement,
     PeakMemory,
@@ -35,7 +35,7 @@ from toroidal.bench import (
 )
 from toroidal.kernels import BackendUnavailable
 from toroidal.ring import ring_attention
-from toroidal.ring_launch import RankFailed, run_local_group
+from toroidal.runtime.launch import RankFailed, run_local_group
 
 
 def ring_layout(case: BenchCase) -> str:

@@ -48,13 +48,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toroidal import memory
-from toroidal.functional import selected_backend, toroidal_attention
+from toroidal.functional import backend_for_shape, toroidal_attention
 from toroidal.kernels import BackendUnavailable, backend_names, get_backend
 from toroidal.mechanisms import build_kernel, get_mechanism
+from toroidal.runtime import memory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = ("fwd", "fwd+bwd", "stream")  # stream: one decoding step, see toroidal.stream_bench
+MODES = ("fwd", "fwd+bwd", "stream")  # stream: one decoding step, see toroidal.bench.stream
 OK, SKIPPED, OOM, ERROR = "ok", "skipped", "oom", "error"
 
 # The fields that identify a row: two results are compared row by row on all of them.
@@ -117,7 +117,7 @@ class BenchCase:
     device: str = "cpu"
     mechanism: str = "toroidal"  # see toroidal.mechanisms; "toroidal" times `toroidal_attention`
     options: tuple[tuple[str, object], ...] = ()  # the mechanism's own options, sorted by name
-    ring_world_size: int | None = None  # W: `ring_attention` on W processes (toroidal.ring_bench)
+    ring_world_size: int | None = None  # W: `ring_attention` on W processes (toroidal.bench.ring)
 
     @property
     def head_dim(self) -> int:
@@ -353,10 +353,9 @@ def case_backend(case: BenchCase) -> str:
     if case.mechanism != "toroidal" and "backend" not in get_mechanism(case.mechanism).accepts:
         return case.mechanism
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-    with torch.set_grad_enabled(case.training):
-        stand_in = torch.empty((), device=case.device, dtype=DTYPES[case.dtype], requires_grad=case.training)
-        q = stand_in.expand(shape)
-        return selected_backend(q, q, q, **case.kernel_kwargs())
+    return backend_for_shape(
+        shape, device=case.device, dtype=DTYPES[case.dtype], training=case.training, **case.kernel_kwargs()
+    )
 
 
 def materialized_bytes(backend: str, case: BenchCase) -> int:
@@ -772,7 +771,7 @@ class ForkWorker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (kept open for the worker's life)
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from toroidal.bench import serve; serve()"],
+            [sys.executable, "-c", "from toroidal.bench.core import serve; serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -952,7 +951,7 @@ def _budget_problem(chosen: str, case: BenchCase, budget_gb: float | None) -> st
 def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Timing, budget_gb=None) -> dict:
     """Measure one case into a row dict; problems become `skipped`, `oom` or `error` rows."""
     if case.mode == "stream":
-        from toroidal.stream_bench import bench_stream_case  # it builds on this module
+        from toroidal.bench.stream import bench_stream_case  # it builds on this module
 
         return bench_stream_case(case, run, timing, budget_gb)
     problem = case.problem()
@@ -961,7 +960,7 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
     measure = measure_toroidal
     try:
         if case.ring_world_size is not None:  # W spawned processes
-            from toroidal.ring_bench import measure_ring, ring_chosen  # it builds on this module
+            from toroidal.bench.ring import measure_ring, ring_chosen  # it builds on this module
 
             chosen, measure = ring_chosen(case), measure_ring
         else:

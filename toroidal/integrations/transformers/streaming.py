@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toroidal.integrations.transformers import FUSION_ATTR, attention_modules
+from toroidal.integrations.transformers.host import FUSION_ATTR, attention_modules
 from toroidal.streaming import LatentKV, LatentUpdate, latent_attention_step
 
 STREAM_ATTR = "toroidal_stream"  # the attribute `_toroidal_forward` looks for

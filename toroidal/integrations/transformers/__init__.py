@@ -1,0 +1,64 @@
+"""Any mechanism, toroidal attention included, inside a Hugging Face transformers model.
+
+    from toroidal.integrations.transformers import apply_mechanism, apply_toroidal, remove_mechanism
+"""
+
+from toroidal.integrations.transformers.host import (
+    FUSION_ATTR,
+    apply_toroidal,
+    attention_modules,
+    capture_attention,
+    host_keys,
+    host_layers,
+    is_toroidal,
+    load_toroidal_weights,
+    platter_order,
+    remove_toroidal,
+    toroidal_layers,
+)
+from toroidal.integrations.transformers.mechanisms import (
+    KERNEL_ATTR,
+    applied_mechanism,
+    apply_mechanism,
+    load_mechanism_weights,
+    mechanism_layers,
+    mechanism_metrics,
+    plug_mechanism,
+    remove_mechanism,
+    reset_mechanism_metrics,
+    summarize_metrics,
+)
+from toroidal.integrations.transformers.streaming import (
+    check_streamable,
+    reset_streams,
+    stream_logits,
+    streaming_layers,
+)
+
+__all__ = [
+    "FUSION_ATTR",
+    "KERNEL_ATTR",
+    "applied_mechanism",
+    "apply_mechanism",
+    "apply_toroidal",
+    "attention_modules",
+    "capture_attention",
+    "check_streamable",
+    "host_keys",
+    "host_layers",
+    "is_toroidal",
+    "load_mechanism_weights",
+    "load_toroidal_weights",
+    "mechanism_layers",
+    "mechanism_metrics",
+    "platter_order",
+    "plug_mechanism",
+    "remove_mechanism",
+    "remove_toroidal",
+    "reset_mechanism_metrics",
+    "reset_streams",
+    "stream_logits",
+    "streaming_layers",
+    "summarize_metrics",
+    "toroidal_layers",
+]
