@@ -31,7 +31,7 @@ def _imported(module: str, path: Path, node: ast.AST, known: dict) -> list[str]:
             source = ".".join([*base, node.module] if node.module else base)
         else:
             source = node.module or ""
-        names = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names]
+        names = [f"{source}.{a.name}" if f"{source}.{a.name}" in known else source for a in node.names]
     targets = []
     for name in names:
         while name and name not in known:

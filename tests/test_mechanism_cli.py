@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from test_mechanisms import GatedKernel
 from typer.testing import CliRunner
 
-from toroidal.mechanisms import registry
 from toroidal.integrations.transformers import KERNEL_ATTR, applied_mechanism, mechanism_layers
-from toroidal.mechanisms import Mechanism, mechanism_names
+from toroidal.mechanisms import Mechanism, mechanism_names, registry
 from toroidal.training import TrainConfig, evaluate_lm, load_run
 from toroidal.training.data import make_dataset, parse_dataset_spec
 from toroidal.training.mechanism import attention_label

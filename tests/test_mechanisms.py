@@ -15,7 +15,6 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from toroidal import ToroidalAttention, ToroidalConfig  # noqa: E402
-from toroidal.mechanisms import registry  # noqa: E402
 from toroidal.integrations.transformers import (  # noqa: E402
     KERNEL_ATTR,
     applied_mechanism,
@@ -36,6 +35,7 @@ from toroidal.mechanisms import (  # noqa: E402
     Mechanism,
     build_attention,
     mechanism_names,
+    registry,  # noqa: E402
 )
 from toroidal.mechanisms.builtin import StandardKernel  # noqa: E402
 
