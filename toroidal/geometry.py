@@ -1,11 +1,7 @@
 """The one definition of the torus: distances, bias and masks as index functions.
 
-A sequence of N tokens with depth D becomes L = N*D platter-tokens; platter-token
-`p` is position `p // D`, platter `p % D` (position-major). Every backend derives
-its bias and masks from the functions here; none re-derives the formulas.
-
-All functions accept Python ints or integer tensors (broadcasting), so the same
-code builds a materialized bias, a tile of it, or a FlexAttention `score_mod`.
+They accept Python ints or integer tensors (broadcasting), so the same code builds a
+materialized bias, a tile of it, or a FlexAttention `score_mod`.
 """
 
 from __future__ import annotations

@@ -3,12 +3,6 @@
     cache = KVCache()
     for x_t in tokens:  # (B, 1, d_model) each, or chunks (B, n, d_model)
         y_t, _ = attention(x_t, cache=cache)
-
-Decoding with it is exact: a causal module uses a fixed period (config.period or
-max_len) and keys are stored after their rotary encoding, so every new query sees the
-keys the full forward pass would give it, at the same ring positions. Memory grows
-by 2 * H * e numbers per token (`nbytes`); `toroidal.streaming` trades that for a
-constant-size approximate state.
 """
 
 from __future__ import annotations

@@ -1,25 +1,5 @@
-"""Ring attention: toroidal attention sequence-parallel across the processes of a `torch.distributed` group.
-
-Each of the W ranks holds N/W positions of the sequence (its shard of q, k and v) and
-computes the output of its own queries. Key/value shards travel around the ring of
-ranks: at step s rank r holds the keys of rank (r - s) mod W, and the send of that shard
-to rank r + 1 (and the receive of the next one) is posted before the step computes on
-it, so communication overlaps compute. Each step runs the `blockwise` tile loop on one
-(query chunk, key chunk) pair and its partial result is merged into the running output
-with a log-sum-exp update; memory per rank is O((N/W) * D * tile).
-
-Positions are global: the torus bias, causal and window rules depend only on the
-difference i - j of a query and a key position, so a chunk pair at global starts
-(a, b) is the ordinary geometry with `q_offset = a - b` and the ring's seam falls
-wherever it falls, across rank boundaries included.
-
-Layouts. `contiguous`: rank r holds positions [r*N/W, (r+1)*N/W). `zigzag`: the sequence
-is cut into 2W chunks and rank r holds chunks r and 2W-1-r, so that under causal
-masking every rank has the same amount of work (`shard_sequence` builds either).
-
-The backward pass circulates k/v again together with float32 accumulators of their
-gradients; after W steps each accumulator arrives back at the rank owning the shard.
-The code is the same for gloo (CPU) and NCCL (one GPU per rank); only gloo has been run.
+"""Ring attention: toroidal attention sequence-parallel across the ranks of a `torch.distributed`
+group; key/value shards circulate while each rank computes its own queries (docs/internals.md).
 """
 
 from __future__ import annotations

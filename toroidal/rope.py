@@ -1,16 +1,5 @@
-"""Rotary encodings over (position, platter).
-
-Every pair j of a platter's width w is rotated by the angle
-`theta(i, k)_j = i * seq_freq_j + k * platter_freq_j` for position i, platter k.
-Modes differ only in the two frequency bases:
-
-- `standard`: the original 3D RoPE: both axes use the RoPE schedule base^(-2j/w),
-  so the bases are parallel (platter k looks like a shift of k positions).
-- `orthogonal`: platter frequencies are made orthogonal to the sequence frequencies
-  (Gram-Schmidt on a linear ramp), so the two axes do not alias.
-- `periodic`: sequence frequencies are integer multiples of 2*pi/P, so scores depend
-  on positions only through (i - j) mod P: exact cyclic-shift invariance.
-- `none`: identity.
+"""Rotary encodings over (position, platter): `standard`, `orthogonal`, `periodic`, `none`
+(docs/internals.md).
 """
 
 from __future__ import annotations

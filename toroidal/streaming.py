@@ -5,33 +5,7 @@
     for x_t in tokens:                      # (B, d_model) each
         y_t, state = stream.forward_streaming(x_t, state)
 
-What it approximates. Exact causal attention lets platter k of token t attend platter l
-of every position j <= t with score `scale * <q_tk, k_jl> - lambda * delta((t,k),(j,l))`;
-a KV cache keeps all t keys. Streaming keeps `m = latent_size` slots per head instead.
-Slot s stands for the arc of ring positions `r = j mod P` with `floor(r * m / P) = s` and
-holds, per platter, one key and one value summarizing the tokens written to it, and
-their count c_s. Token t attends its own D platters exactly and every non-empty slot s
-with score
-
-    scale * <q_tk, K_sl> - lambda * delta((t,k),(a_s,l)) + log c_s,
-
-a_s being the centre of arc s (a circular window masks slots by ring(t, a_s)): a slot
-acts as c_s copies of one token at the centre of its arc. Token t is then written into
-its own slot. One step costs O(m) whatever t is, and the state never grows.
-
-The `linear` update at initialization keeps the running mean of each slot; then the
-result is exact when no slot holds two positions (m = P and t < P: the state is the
-KV cache) and when the tokens merged into a slot have equal keys and values. Otherwise
-it is an approximation: a slot's mean key stands in for keys that differ (the softmax
-of the mean is not the mean of the softmax), its arc centre for their positions, and
-after one lap of the ring (t >= P) tokens of different laps share slots. The `gru`
-update learns what to keep; its parameters need training for good results.
-
-Update rules, for the slot s of token t (holding c tokens after the write):
-- `linear`: K_s <- K_s + c^(-rho_h) (k_t - K_s), the same for V; rho_h = exp(g_h) is
-  learned per head and starts at 1 (running mean); rho -> 0 keeps the latest token.
-- `gru`: [K_s; V_s] <- GRUCell([k_t; v_t], [K_s; V_s]) per platter, one cell per layer.
-Both copy the token into an empty slot.
+What the slots approximate and when it is exact: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Integrations of toroidal attention with other libraries.
 
-- `toroidal.integrations.transformers`: toroidal attention inside Hugging Face transformers
-  models through their attention interface (`apply_toroidal`, `remove_toroidal`).
+- `toroidal.integrations.transformers`: any mechanism, toroidal attention included, inside
+  Hugging Face transformers models through their attention interface.
 - `toroidal.integrations.lm_eval`: the `toroidal` model of lm-evaluation-harness (an HFLM
   subclass); `python -m toroidal.integrations.lm_eval` runs lm-eval's command line with it.
 

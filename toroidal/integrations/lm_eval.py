@@ -1,33 +1,13 @@
-"""Toroidal models in the lm-evaluation-harness: the `toroidal` model type.
-
-Importing this module registers `toroidal` in lm-eval's model registry. From the shell, every
-lm-eval flag works through this module's entry point:
+"""The `toroidal` model type of lm-evaluation-harness (an HFLM subclass; see README).
 
     python -m toroidal.integrations.lm_eval --model toroidal \\
-        --model_args checkpoint=runs/pk --tasks toroidal_passkey_1024 \\
-        --include_path configs/tasks --output_path results/lm-eval
+        --model_args checkpoint=runs/pk --tasks toroidal_passkey_1024 --include_path configs/tasks
 
-From Python, `ToroidalLM(...)` (or `build_lm`) is an lm-eval `LM` for `lm_eval.simple_evaluate`.
-
-Model arguments (`--model_args key=value,...`):
-
-    checkpoint=DIR          a `toroidal train` run folder (model, tokenizer, toroidal layers, fusion weights)
-    pretrained=NAME|PATH    or a causal LM: a preset (configs/models), a model folder or a hub name
-    attention=auto|toroidal|baseline   auto: a checkpoint as trained, other models toroidal
-    mechanism=NAME          a registered mechanism (standard, toroidal, tiled, ...) instead; the
-                            options it accepts are model arguments too (e.g. budget=4)
-    depth= lambda= period= window= fusion= fusion_rank= backend= layers=0;2   toroidal options
-    tokenizer=auto|bytes|model          with pretrained (auto: bytes for presets)
-    seed=N  device=auto|cpu|cuda[:N]  dtype=float32|bfloat16|float16  batch_size=N  max_length=N
-    and HFLM's own max_batch_size, logits_cache, truncation, softmax_dtype, mixed_precision_dtype,
-    add_bos_token, prefix_token_id.
-
-How it reuses lm-eval: `ToroidalLM` subclasses `lm_eval.models.huggingface.HFLM` and hands it an
-already-built transformers model and tokenizer (HFLM's documented `pretrained=<PreTrainedModel>`
-path), so batching, padding, truncation, loglikelihood, rolling loglikelihood and generation are
-HFLM's own code. Only model loading and the tokenizer are ours: HFLM needs a transformers
-tokenizer, so `as_hf_tokenizer` turns the byte and BPE tokenizers of `toroidal train` into a
-`PreTrainedTokenizerFast` with the same ids (bytes 0..255, then <pad>, <bos>, <eos>).
+`model_args`: checkpoint=DIR or pretrained=NAME|PATH; attention=auto|toroidal|baseline or
+mechanism=NAME with its options; the toroidal options (depth, lambda, period, window, fusion,
+fusion_rank, backend, layers=0;2); tokenizer, seed, device, dtype, batch_size, max_length, and
+HFLM's own. Only model loading and the tokenizer are ours (`as_hf_tokenizer` gives the byte and
+BPE tokenizers of `toroidal train` as a `PreTrainedTokenizerFast` with the same ids).
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""`blockwise`: tiled attention with an online softmax, O(L * tile) memory in forward and backward.
-
-Queries and keys are cut into tiles of `tile` platter-tokens. For every query tile the
-key tiles that causal / window rules leave entirely empty are skipped (decided at
-position level), the torus bias and masks are built per tile from the geometry, and
-the softmax is streamed over the remaining key tiles in float32 (FlashAttention-2).
-The backward pass saves only q, k, v, the output and the row log-sum-exp, and
-recomputes each tile's probabilities.
-"""
+"""`blockwise`: tiled attention with an online softmax, O(L * tile) memory in forward and backward."""
 
 from __future__ import annotations
 

@@ -1,28 +1,7 @@
 """`decomposed`: the torus bias split into exact low-rank pieces for PyTorch's fused CPU kernel.
 
-Why this is exact: inside a region of pairs where the ring distance is linear in
-the positions (near the diagonal: ring = |i - j|; across the seam: ring = P - |i - j|),
-the toroidal bias is
-
-    -lambda * ring(i, j) / P - lambda * |k - l| / D
-        = c(i) + r(k) + s * (lambda * j / P) + <A[k], B[l]>
-
-a per-query constant c(i) + r(k) (which softmax ignores inside one piece and which
-we add back to the piece's log-sum-exp), plus a dot product of D extra features
-(one for j, D-1 for |k - l|: the distance matrix minus its first column has rank
-D - 1). Appending those features to q and k turns the biased scores into plain
-scores, so each region runs through the fused flash kernel with no mask tensor.
-
-Regions are bands of m = i - j. Each band is cut into rectangles where the mask is
-full or block-causal ("j <= i" at position level; after reversing both sequences
-this also covers "j >= i"). Block-causal is the kernel's token-causal mask plus, per
-position, the platters l > k of the same position, added by a small exact fix-up.
-Pieces merge by log-sum-exp. The backward pass reruns each piece's fused backward
-with the merged output and log-sum-exp, as ring attention does, so memory stays
-O(L) beyond the kernel's own tiles.
-
-Valid for: CPU, float32, no circular window (or one that covers the whole ring),
-period P >= N (the ring wraps at most once), a full forward pass (no KV-cache offset).
+Serves CPU, float32, P >= N, no window that bites and no KV-cache offset. Why it is exact:
+docs/internals.md.
 """
 
 from __future__ import annotations

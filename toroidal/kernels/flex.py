@@ -1,27 +1,5 @@
-"""`flex`: torch FlexAttention, with the torus as a compiled `score_mod` and a block-sparse mask.
-
-The bias and the causal/window rule come from `TorusGeometry.score_mod()` / `mask_mod()`.
-Their scalars (lambda, period, window, q_offset) are handed to the compiled kernel as
-0-dim tensors, not Python numbers: dynamo guards on captured Python numbers, so every
-new lambda or decoding offset would otherwise cost a fresh compile (~5-20 s).
-
-Block masks are cached per geometry, shape and device. A key padding mask changes every
-batch, so it is not part of the cache: padded calls reuse the cached block layout with
-every block marked partial, and a per-call mask_mod that also reads the padding.
-
-With a bias, computing the torus distance per score costs more than the attention itself
-at platter widths of 16-32 (integer division, modulo and a float divide per score: 3.9x
-plain SDPA on an H100). So the bias is split into pieces that need no per-score
-arithmetic, the way `decomposed` does on the CPU:
-- query platters become heads (GQA over the key heads): for query platter k the platter
-  term -lambda*|k - l|/D is a per-key constant;
-- the positions are cut into bands of m = i - j where the ring distance is linear
-  (`TorusGeometry.linear_segments`): there -lambda*ring/P is a per-query constant (added
-  to the band's log-sum-exp) plus a per-key constant.
-So each band is one FlexAttention call whose score_mod adds one looked-up key bias, whose
-mask is the band, and the bands merge by log-sum-exp. FlexAttention differentiates its
-log-sum-exp, so the merge trains. More than `_MAX_SEGMENTS` bands (a period much shorter
-than the sequence) fall back to one call that computes the distance per score.
+"""`flex`: torch FlexAttention with the torus as a compiled `score_mod` and a block-sparse mask;
+with a bias, the call is split into bands of linear ring distance (docs/internals.md).
 """
 
 from __future__ import annotations

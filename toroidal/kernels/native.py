@@ -1,17 +1,6 @@
-"""`native`: fused C++ CPU kernels (forward and backward), compiled for this machine on first use.
-
-PyTorch's fused CPU kernel has no bias input, so `decomposed` appends 4 bias features to
-each platter (width 16 -> 20), which costs about 1.37x plain SDPA on its own. This kernel
-computes the torus bias per score inside the flash loop instead (csrc/torus_cpu.cpp), and ran
-faster than plain causal SDPA on the same tokens. It is compiled with the system C++ compiler
-(`g++`, or `$CXX`) for `-march=native`, once per platter width (rounded up to a multiple of
-16) and machine, into a cache folder (`$TOROIDAL_KERNEL_CACHE`, else
-`~/.cache/toroidal/kernels`). Without a working compiler the backend says why and `auto`
-uses `decomposed`. Set `TOROIDAL_NATIVE=0` to turn it off.
-
-The backward is flash attention's, in the same file: it recomputes the scores from the saved
-log-sum-exp. Both handle every rule of the geometry (any window, periods shorter than the
-sequence, a KV-cache query offset, padding) and skip key blocks the window rules out.
+"""`native`: fused C++ CPU kernels (forward and backward, csrc/torus_cpu.cpp), compiled for this
+machine on first use into `$TOROIDAL_KERNEL_CACHE` (default ~/.cache/toroidal/kernels).
+`TOROIDAL_NATIVE=0` turns it off.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@
     result = train(TrainConfig(model="tiny", dataset="periodic", steps=100), "runs/demo")
     run = load_run("runs/demo")  # model (toroidal layers restored), tokenizer, config
 
-Modules, one job each: config (TrainConfig), data (datasets and order), code_data (the
-`code:DIR` dataset), mechanism (the run's attention mechanism and its options), tokenization,
-models (presets, loading, toroidal layers, freezing), checkpoint (atomic training state),
-runs (the run folder), loop (training), evaluate (metrics), distributed, loggers, hub,
-footprint (peak-memory estimates of a run, before it runs).
+Modules, one job each: config (TrainConfig), data (datasets and order), text_files (text and
+code files), mechanism (the run's attention mechanism and its options), tokenization, models
+(presets, toroidal layers, freezing), loading (a run or a model with a mechanism applied),
+checkpoint (atomic training state), runs (the run folder), loop (training), evaluate
+(metrics), attention_maps, distributed, loggers, hub, footprint (memory estimates before a run).
 """
 
 from toroidal.training.config import TrainConfig
