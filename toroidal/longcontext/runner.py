@@ -1,28 +1,22 @@
-"""Running a long-context suite through lm-eval: load the tasks, evaluate each model on each task, shape rows.
+"""Running a long-context suite: load every task first, then evaluate each model on each task.
 
-    result = run(LongContextConfig(model=ModelSpec(checkpoint="runs/pk"), tasks=["passkey"],
-                                   lengths=[256, 512], runs=("baseline", "toroidal")))
-    result.rows      # one row per (attention, task, metric, filter): value, stderr, samples
-    result.averages  # the mean of each metric over the tasks, per attention
-
-Tasks are loaded (their data downloaded or generated) before any model is built, so a missing
-dataset fails at once. Each task then runs through `lm_eval.simple_evaluate` with the
-`ToroidalLM` wrapper, one task at a time so that progress can name it.
+`run(config, progress)` returns a `LongContextResult`: one row per (attention, task, metric,
+filter), per-metric averages, and what lm-eval reported. Tasks run through lm-eval's `evaluate`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from unittest import mock
 
+import numpy as np
 import torch
 
 from toroidal.longcontext.tasks import SUITES, SYNTHETIC, TaskRequest, resolve_tasks, write_variants
@@ -267,36 +261,32 @@ def write_samples(path: str | os.PathLike, samples: list[dict]) -> Path:
 # --- running --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _once_per_run_environment():
-    """Skip simple_evaluate's environment report, which it makes on every call.
-
-    It runs `pip list` (about a second) and `git describe` in the working directory (a "fatal:
-    not a git repository" line outside one): per-task calls would repeat both for every task,
-    and the result record states its environment itself.
-    """
-    import lm_eval.evaluator as evaluator
-
-    quiet = {"add_env_info": lambda results: None, "get_git_commit_hash": lambda: None}
-    with contextlib.ExitStack() as stack:
-        for name, replacement in quiet.items():
-            if hasattr(evaluator, name):  # a later lm-eval may have moved them: then keep its own
-                stack.enter_context(mock.patch.object(evaluator, name, replacement))
-        yield
-
-
 def _evaluate(lm, task, manager, config: LongContextConfig) -> dict:
-    from lm_eval import simple_evaluate
+    """One task through `lm_eval.evaluator.evaluate`, prepared as `simple_evaluate` prepares it.
 
-    with _once_per_run_environment():
-        return simple_evaluate(
-            model=lm,
-            tasks=[task],
-            limit=config.limit,
-            log_samples=config.log_samples,
-            bootstrap_iters=config.bootstrap_iters,
-            task_manager=manager,
-        )
+    Same seeds, num_fewshot 0 where the task sets none, and the few-shot seed reset, so results
+    equal simple_evaluate's; its per-call environment report (`pip list`, `git describe`) is left
+    out, since the result record states its environment itself.
+    """
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    task_dict = manager.load([task])
+    for task_obj in task_dict["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluate(
+        lm=lm,
+        task_dict=task_dict,
+        limit=config.limit,
+        bootstrap_iters=config.bootstrap_iters,
+        log_samples=config.log_samples,
+        fewshot_as_multiturn=True,  # simple_evaluate's default; it matters only with chat templates
+    )
 
 
 def _load(config: LongContextConfig, requests: list[TaskRequest], suite) -> tuple:

@@ -1,17 +1,8 @@
-"""Long-context tasks generated locally at any length: pass-key retrieval and needles in a haystack.
+"""Generated pass-key and needle-in-a-haystack documents, `context_tokens` long in the model's tokenizer.
 
-Each sample is exactly `context_tokens` tokens of the evaluated model's tokenizer (prompt plus
-answer; approximately for tokenizers that merge across the joins): filler text with the key
-hidden at some depth, then a question whose answer is the key. Samples are a pure function
-of (seed, index), so every model sees the same documents.
-
-lm-eval calls the `*_dataset` functions through `custom_dataset` in the task YAMLs of
-configs/tasks/toroidal, with the task's `dataset_kwargs` (context_tokens, num_docs, data_seed)
-and lm-eval's metadata, which holds the model arguments: `checkpoint`, `pretrained` or
-`tokenizer` name the tokenizer that lengths are counted in (bytes when none is given).
-
-Documents: input (the prompt), target (the key), continuation (" " + key, for loglikelihood),
-context_tokens, depth (where the key sits, 0 = start, 1 = end).
+A pure function of (seed, index), so every model sees the same documents; lm-eval calls the
+`*_dataset` functions from the task YAMLs in configs/tasks/toroidal. Document fields: input,
+target, continuation (" " + key), context_tokens, depth (0 = start, 1 = end).
 """
 
 from __future__ import annotations

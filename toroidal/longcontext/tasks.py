@@ -1,16 +1,7 @@
-"""Task names: LongBench and SCROLLS short names to lm-eval's, and the synthetic tasks at chosen lengths.
+"""Task names: LongBench / SCROLLS short names to lm-eval's, and synthetic tasks at chosen lengths.
 
-    resolve_tasks(LONGBENCH, ["narrativeqa", "passkey"], lengths=[1024])
-    # -> ["longbench_narrativeqa", "toroidal_passkey_1024"]
-
-A name is, in order: a synthetic task kind (passkey, passkey_ll, needle, needle_multikey: one
-task per length), a synthetic variant (toroidal_passkey_1024 or passkey_1024), a short name of the suite
-(narrativeqa -> longbench_narrativeqa), or any lm-eval task, group or tag as it is (those of
---include-path too).
-
-The synthetic tasks are YAML templates in configs/tasks/toroidal; a variant is a three-key
-YAML that includes its template. The shipped variants (1k to 8k tokens) are written by
-`variant_yaml`, the same function that writes other lengths for a run.
+`resolve_tasks(LONGBENCH, ["narrativeqa", "passkey"], lengths=[1024])` gives
+`longbench_narrativeqa` and `toroidal_passkey_1024`; templates live in configs/tasks/toroidal.
 """
 
 from __future__ import annotations
