@@ -319,7 +319,7 @@ def test_a_local_model_folder_trains(tmp_path):
         (["--dataset", "text:/no/such/file.txt"], ["/no/such/file.txt does not exist"]),
         (["--model", "nobody/no-such-model"], ["needs the Hugging Face hub", "not reachable", "preset"]),
         (["--model", "./missing-folder"], ["unknown model", "preset"]),
-        (["--dataset", "wikitext2"], ["not reachable", "text:../shared/data/wikitext-2/valid.txt"]),
+        (["--dataset", "wikitext2"], ["not reachable", "text:wikitext-2/valid.txt"]),
         (["--precision", "bf16", "--device", "cpu"], ["needs a CUDA device"]),
         (["--precision", "fp8"], ["--precision", "fp8"]),
         (["--layers", "0,7"], ["--layers 7 does not exist"]),

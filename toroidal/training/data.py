@@ -34,7 +34,7 @@ from toroidal.training.text_files import (
 SYNTHETIC = ("periodic", "sinusoidal", "passkey")
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 OFFLINE_TEXT_FIX = (
-    "offline, use --dataset text:PATH with a local file (e.g. text:../shared/data/wikitext-2/valid.txt)"
+    "offline, use --dataset text:PATH with a local file (e.g. text:wikitext-2/valid.txt)"
 )
 SPEC_HELP = "use periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2 or hf:NAME[:CONFIG]"
 
