@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import toroidal.mechanisms.registry as mechanisms
 from toroidal import toroidal_attention
-from toroidal.bench.core import BenchSweep, run_sweep
+from toroidal.bench import BenchSweep, run_sweep
 from toroidal.mechanisms import Mechanism, build_attention, build_kernel, check_options
 from toroidal.mechanisms.base import KernelModule
 from toroidal_cli.app import app
@@ -53,6 +53,23 @@ def test_toroidal_kernel_with_concat_fusion_is_toroidal_attention():
     # Bidirectional calls ring over the key length, as ToroidalConfig.period_for says.
     expected = toroidal_attention(q, k, v, depth=2, lambda_distance=0.3, period=12)
     assert torch.allclose(kernel(q, k, v, causal=False), expected, atol=1e-6)
+
+
+def test_the_period_rule_and_the_torus_option_names_have_one_home():
+    from dataclasses import fields
+
+    from toroidal.config import ATTENTION_OPTIONS, TORUS_FLAGS, TORUS_OPTIONS, ToroidalConfig, period_for
+
+    assert period_for(12, period=7, max_len=10, causal=True) == 7
+    assert period_for(12, period=None, max_len=10, causal=True) == 10
+    assert period_for(12, period=None, max_len=10, causal=False) == 12
+    config = ToroidalConfig(max_len=10)  # a bidirectional config asked about a causal call
+    assert (config.period_for(12), config.period_for(12, causal=True)) == (12, 10)
+    assert set(TORUS_OPTIONS) <= {f.name for f in fields(ToroidalConfig)}
+    assert {*ATTENTION_OPTIONS, "fusion", "fusion_rank"} == set(TORUS_OPTIONS) == {*TORUS_FLAGS, "max_len"}
+    assert mechanisms.get_mechanism("toroidal").accepts == TORUS_OPTIONS
+    for name in ("tiled", "fft", "adaptive"):  # every torus mechanism takes the torus by these names
+        assert set(TORUS_OPTIONS) - {"backend"} <= set(mechanisms.get_mechanism(name).accepts)
 
 
 def test_standalone_layer_and_unknown_options():

@@ -102,16 +102,16 @@ def gated(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """(layer, query length) of every plugged kernel call: proves the kernel ran, not the fallback."""
-    from toroidal.integrations.transformers import mechanisms as hf
+    from toroidal.integrations.transformers import attach
 
     calls = []
-    original = hf._kernel_forward
+    original = attach.run_layer
 
     def spy(module, query, *args, **kwargs):
-        calls.append((module.mechanism.layer, query.shape[2]))
+        calls.append((attach.layer_state(module).layer, query.shape[2]))
         return original(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "_kernel_forward", spy)
+    monkeypatch.setattr(attach, "run_layer", spy)
     return calls
 
 
@@ -143,8 +143,8 @@ def test_toroidal_is_apply_toroidal(family):
 
 def test_toroidal_defaults_suit_kernel_mode():
     model = apply_mechanism(build("gpt2"), "toroidal")
-    state = attention_modules(model)[0].toroidal
-    assert state.config.rope == "none" and state.config.max_len == model.config.n_positions
+    state = attention_modules(model)[0].mechanism
+    assert state.name == "toroidal" and state.kernel.config.max_len == model.config.n_positions
     remove_mechanism(model)
     assert model.config._attn_implementation == "sdpa"
 

@@ -71,16 +71,18 @@ def perturb_fusion(model, std=0.5):
 @pytest.fixture
 def toroidal_calls(monkeypatch):
     """Layer index of every toroidal kernel call (proves the torus ran, not the fallback)."""
-    from toroidal.integrations.transformers import host as integration
+    from toroidal.integrations.transformers import attach
 
     calls = []
-    original = integration._toroidal_forward
+    original = attach.run_layer
 
     def spy(module, *args, **kwargs):
-        calls.append(module.toroidal.layer)
+        state = attach.layer_state(module)
+        assert state.name == "toroidal"
+        calls.append(state.layer)
         return original(module, *args, **kwargs)
 
-    monkeypatch.setattr(integration, "_toroidal_forward", spy)
+    monkeypatch.setattr(attach, "run_layer", spy)
     return calls
 
 
@@ -239,7 +241,7 @@ def test_remove_restores_the_model_exactly():
     assert model.config._attn_implementation == "sdpa"
     assert len(list(model.parameters())) == n_params
     assert not any(FUSION_ATTR in key for key in model.state_dict())
-    assert all(not hasattr(m, "toroidal") for m in attention_modules(model).values())
+    assert all(not hasattr(m, "mechanism") for m in attention_modules(model).values())
     assert torch.equal(run(model, ids, mask), host)
 
 
@@ -262,6 +264,7 @@ def test_fusion_parameters_train():
     apply_toroidal(model, TORUS)
     names = [name for name, _ in model.named_parameters() if FUSION_ATTR in name]
     assert len(names) == 4  # u and v in both layers
+    assert "model.layers.0.self_attn.toroidal_fusion.u" in names  # the saved weight names of 0.1 runs
     ids, mask = padded_batch()
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     fusion = getattr(attention_modules(model)[0], FUSION_ATTR)

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from toroidal.kernels import backend_names
+
 ROPE_MODES = ("standard", "orthogonal", "periodic", "none")
 FUSION_MODES = ("low_rank", "attention", "mean", "concat")
 APPROXIMATIONS = ("fft",)  # see toroidal.fft
+
+# The option names of the torus, written once. TORUS_OPTIONS are the `ToroidalConfig` fields a
+# kernel module takes: shapes and causality come with each call, rotary encoding and dropout
+# belong to the layer around the kernel.
+TORUS_OPTIONS = (
+    "depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend", "max_len",
+)  # fmt: skip
+FUSION_OPTIONS = ("fusion", "fusion_rank")  # depth fusion (its weights depend on them and on depth)
+# The attention's own options, depth fusion aside: what sweeps vary as axes of their own.
+ATTENTION_OPTIONS = tuple(name for name in TORUS_OPTIONS if name not in FUSION_OPTIONS)
+# The torus options a run takes as flags: max_len is its sequence length.
+TORUS_FLAGS = tuple(name for name in TORUS_OPTIONS if name != "max_len")
+
+
+def period_for(n_keys: int, *, period: int | None, max_len: int, causal: bool) -> int:
+    """THE ring period rule: `period` if set, else `max_len` for causal attention (so training,
+    prefill and decoding compute the same function), else the key length `n_keys`."""
+    if period is not None:
+        return period
+    return max_len if causal else n_keys
 
 
 def _fail(field: str, value, constraint: str) -> None:
@@ -81,9 +103,6 @@ class ToroidalConfig:
             _fail("rope_base", self.rope_base, "must be > 1")
         if self.approximation is not None and self.approximation not in APPROXIMATIONS:
             _fail("approximation", self.approximation, f"must be None or one of {', '.join(APPROXIMATIONS)}")
-        # Imported here: the registry imports kernels that import this module.
-        from toroidal.kernels import backend_names
-
         if self.backend != "auto" and self.backend not in backend_names():
             _fail("backend", self.backend, f"must be 'auto' or one of {', '.join(backend_names())}")
 
@@ -99,11 +118,13 @@ class ToroidalConfig:
     def resolved_fusion_rank(self) -> int:
         return self.fusion_rank if self.fusion_rank is not None else max(1, self.depth // 4)
 
-    def period_for(self, n_keys: int) -> int:
-        """The ring period P used for a key sequence of length `n_keys`."""
-        if self.period is not None:
-            return self.period
-        return self.max_len if self.causal else n_keys
+    def period_for(self, n_keys: int, causal: bool | None = None) -> int:
+        """The ring period P for `n_keys` keys (`period_for` above); `causal` None: this config's flag.
+
+        A kernel in a host model passes the call's causal flag: the host decides causality.
+        """
+        causal = self.causal if causal is None else causal
+        return period_for(n_keys, period=self.period, max_len=self.max_len, causal=causal)
 
     def to_dict(self) -> dict:
         return asdict(self)

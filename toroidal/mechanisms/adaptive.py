@@ -41,11 +41,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toroidal.config import ToroidalConfig
+from toroidal.config import TORUS_OPTIONS
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
-from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
-from toroidal.mechanisms.builtin import TOROIDAL_OPTIONS
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
 GATINGS = ("straight_through", "soft")
 FILLS = ("mean", "zeros")
@@ -55,10 +54,7 @@ GATE_MARGIN = 2.0  # logit lead of init_depth in the untrained gate (soft gating
 # GATE_GAIN times faster than the model's weights: a run of a few hundred steps can change depths.
 GATE_GAIN = 10.0
 DEFAULT_BLOCK = 64
-ADAPTIVE_OPTIONS = (
-    "depth", "min_depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend",
-    "max_len", "gating", "compute_penalty", "block", "fill", "init_depth",
-)  # fmt: skip
+ADAPTIVE_OPTIONS = (*TORUS_OPTIONS, "min_depth", "gating", "compute_penalty", "block", "fill", "init_depth")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -78,8 +74,7 @@ class AdaptiveDepthKernel(KernelModule):
     def __init__(self, heads: int, head_dim: int, **options):
         super().__init__()
         check_options("adaptive", options, ADAPTIVE_OPTIONS)
-        torus = {name: options[name] for name in TOROIDAL_OPTIONS if name in options}
-        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **torus)
+        self.config = torus_config(heads, head_dim, options)
         max_depth = self.config.depth
         self.min_depth = _positive_int("min_depth", options.get("min_depth", 1))
         if self.min_depth > max_depth:
@@ -165,10 +160,6 @@ class AdaptiveDepthKernel(KernelModule):
 
     # --- attention at one depth ----------------------------------------------------------------------
 
-    def _period(self, causal: bool, n_k: int) -> int:
-        cfg = self.config
-        return cfg.period if cfg.period is not None else (cfg.max_len if causal else n_k)
-
     def _attend(self, q, k, v, depth, *, causal, key_padding_mask, scale, q_offset, period):
         used = depth * self.width
         cfg = self.config
@@ -209,7 +200,7 @@ class AdaptiveDepthKernel(KernelModule):
         pairs = self._pairs(blocks, n_k, q_offset, causal)
         call = dict(
             causal=causal, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,
-            period=self._period(causal, n_k),
+            period=self.config.period_for(n_k, causal),
         )  # fmt: skip
         if self.training and torch.is_grad_enabled():
             out = self._train_forward(q, k, v, logits, choice, blocks, pairs, call)

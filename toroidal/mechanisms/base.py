@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from toroidal.config import TORUS_OPTIONS, ToroidalConfig
+from toroidal.runtime.timing import stage
+
 
 class KernelModule(nn.Module):
     """Per-head attention of one mechanism (see `toroidal.mechanisms`). Subclasses implement `forward`."""
@@ -56,6 +59,13 @@ def check_options(mechanism: str, options: dict, accepted: tuple[str, ...]) -> N
         )
 
 
+def torus_config(heads: int, head_dim: int, options: dict) -> ToroidalConfig:
+    """The torus of a kernel for `heads` heads of width `head_dim`: the `TORUS_OPTIONS` among
+    `options` (the others are the mechanism's own), no rotary encoding (the caller's)."""
+    torus = {name: value for name, value in options.items() if name in TORUS_OPTIONS}
+    return ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **torus)
+
+
 class MechanismAttention(nn.Module):
     """(B, N, d_model) -> (B, N, d_model): q/k/v projection, the kernel, output projection.
 
@@ -73,10 +83,15 @@ class MechanismAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape (B, N, {self.d_model}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        with stage("projections"):  # stage labels for `toroidal profile`
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         padding = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out = self.kernel(q, k, v, causal=self.causal, key_padding_mask=padding)
-        return self.out(out.transpose(1, 2).reshape(b, n, self.d_model))
+        with stage("kernel"):
+            out = self.kernel(q, k, v, causal=self.causal, key_padding_mask=padding)
+        out = out.transpose(1, 2).reshape(b, n, self.d_model)
+        with stage("output"):
+            return self.out(out)
 
     def get_metrics(self) -> dict:
         return self.kernel.get_metrics()

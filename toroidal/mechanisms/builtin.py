@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from toroidal.config import ToroidalConfig
+from toroidal.config import TORUS_OPTIONS
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
-from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
 
 def _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, device) -> torch.Tensor | None:
@@ -42,33 +42,32 @@ class StandardKernel(KernelModule):
         return torch.where(mask.any(dim=-1, keepdim=True), out, torch.zeros_like(out))
 
 
-TOROIDAL_OPTIONS = (
-    "depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend", "max_len",
-)  # fmt: skip
-
-
 class ToroidalKernel(KernelModule):
     """`toroidal_attention` followed by depth fusion (the kernel of `ToroidalAttention`, no rotary).
 
-    Options are `ToroidalConfig` fields: depth, lambda_distance, period, window, fusion,
-    fusion_rank, backend, max_len. The period follows `ToroidalConfig.period_for` with the
-    call's causal flag: fixed (period or max_len) when causal, the key length otherwise.
+    Options are the `TORUS_OPTIONS` of `ToroidalConfig`. The period follows
+    `ToroidalConfig.period_for` with the call's causal flag. While `captured` is a list, calls
+    run the reference backend and append their platter-token weights (B, H, N_q*D, N_k*D) to it.
     """
 
     def __init__(self, heads: int, head_dim: int, **options):
         super().__init__()
-        check_options("toroidal", options, TOROIDAL_OPTIONS)
-        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **options)
+        check_options("toroidal", options, TORUS_OPTIONS)
+        self.config = torus_config(heads, head_dim, options)
         self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
+        self.captured: list | None = None
 
     def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
         cfg = self.config
-        period = cfg.period if cfg.period is not None else (cfg.max_len if causal else k.shape[-2])
-        out = toroidal_attention(
-            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
-            window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, backend=cfg.backend,
-            q_offset=q_offset,
+        capturing = self.captured is not None
+        out, weights = toroidal_attention(
+            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance,
+            period=cfg.period_for(k.shape[-2], causal), causal=causal, window=cfg.window,
+            key_padding_mask=key_padding_mask, scale=scale, backend="reference" if capturing else cfg.backend,
+            q_offset=q_offset, return_weights=capturing, always_tuple=True,
         )  # fmt: skip
+        if capturing:
+            self.captured.append(weights.detach())
         return self.fusion(out)
 
 
@@ -77,5 +76,5 @@ TOROIDAL = Mechanism(
     "toroidal",
     "toroidal attention: ring positions, D platters, torus bias",
     ToroidalKernel,
-    accepts=TOROIDAL_OPTIONS,
+    accepts=TORUS_OPTIONS,
 )

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from toroidal.config import ToroidalConfig
+from toroidal.config import TORUS_OPTIONS
 from toroidal.fft import DEFAULT_BUCKETS, FFTToroidalMixing, convolution_plan
 from toroidal.fusion import DepthFusion
-from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
-FFT_OPTIONS = (
-    "depth", "lambda_distance", "period", "window", "max_len", "buckets", "content", "fusion", "fusion_rank",
-)  # fmt: skip
+# The torus without a backend (the mixing is computed here), then its own options.
+FFT_OPTIONS = (*(name for name in TORUS_OPTIONS if name != "backend"), "buckets", "content")
 
 
 class FFTToroidalKernel(KernelModule):
     """Mechanism `fft`: `FFTToroidalMixing` followed by depth fusion.
 
-    Torus options are `ToroidalConfig` fields (depth, lambda_distance, period, window, max_len,
-    fusion, fusion_rank); period None means max_len when causal, the key length otherwise.
+    Torus options are the `TORUS_OPTIONS` but backend; the period follows
+    `ToroidalConfig.period_for` with the call's causal flag.
     Own options: `buckets` (learned offset buckets per direction, 0 for none) and `content`
     (pooled query-key logits, bidirectional only). Metrics: the last call's convolution
     ("circular" or "linear") and FFT length.
@@ -25,9 +24,8 @@ class FFTToroidalKernel(KernelModule):
     def __init__(self, heads: int, head_dim: int, **options):
         super().__init__()
         check_options("fft", options, FFT_OPTIONS)
-        buckets = options.pop("buckets", DEFAULT_BUCKETS)
-        content = options.pop("content", False)
-        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **options)
+        self.config = torus_config(heads, head_dim, options)
+        buckets, content = options.get("buckets", DEFAULT_BUCKETS), options.get("content", False)
         self.mixing = FFTToroidalMixing(heads, self.config.depth, buckets, content)
         self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
         self._plan: tuple[str, int] | None = None
@@ -35,7 +33,7 @@ class FFTToroidalKernel(KernelModule):
     def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
         cfg = self.config
         n = k.shape[-2]
-        period = cfg.period if cfg.period is not None else (cfg.max_len if causal else n)
+        period = cfg.period_for(n, causal)
         out = self.mixing(
             q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
             window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,

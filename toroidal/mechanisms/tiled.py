@@ -41,14 +41,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from toroidal.config import ToroidalConfig
+from toroidal.config import TORUS_OPTIONS
 from toroidal.functional import from_platters, plan_call
 from toroidal.fusion import DepthFusion
 from toroidal.geometry import TorusGeometry, ring_distance
-from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
+from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
-TORUS_OPTIONS = ("depth", "lambda_distance", "period", "window", "max_len", "fusion", "fusion_rank")
-TILED_OPTIONS = (*TORUS_OPTIONS, "tile_size", "budget", "summaries", "local_tiles")
+# The torus without a backend (tiles are attended here), then its own options.
+TILED_OPTIONS = (*(name for name in TORUS_OPTIONS if name != "backend"), "tile_size", "budget", "summaries",
+                 "local_tiles")  # fmt: skip
 DEFAULT_TILE = 128  # platter-tokens; rounded down to a multiple of the depth
 DEFAULT_BUDGET = 8
 _CHUNK_ELEMENTS = 1 << 22  # float32 scores per chunk of query tiles (16 MiB): bounds peak memory
@@ -378,11 +379,11 @@ def tiling_settings(depth: int, tile_size, budget, summaries, local_tiles) -> Ti
 class TiledKernel(KernelModule):
     """Adaptive tiled toroidal attention followed by depth fusion (see the module docstring).
 
-    Options: the torus (depth, lambda_distance, period, window, max_len, fusion, fusion_rank;
-    the period rule is `ToroidalKernel`'s) and tile_size (platter-tokens, a multiple of depth;
-    default 128 rounded down to one), budget (candidate key tiles attended exactly per query
-    tile; None: all, which is exact attention), summaries (pool the other candidates, else
-    skip them) and local_tiles (key tiles within this many tiles on the ring are always exact).
+    Options: the torus (`TORUS_OPTIONS` but backend; the period rule is `ToroidalKernel`'s) and
+    tile_size (platter-tokens, a multiple of depth; default 128 rounded down to one), budget
+    (candidate key tiles attended exactly per query tile; None: all, which is exact attention),
+    summaries (pool the other candidates, else skip them) and local_tiles (key tiles within this
+    many tiles on the ring are always exact).
     `get_metrics()`: fractions of visible tile pairs computed exactly, pooled and skipped, and
     matmul FLOPs saved against exact tiled attention over the same tiles.
     """
@@ -390,8 +391,7 @@ class TiledKernel(KernelModule):
     def __init__(self, heads: int, head_dim: int, **options):
         super().__init__()
         check_options("tiled", options, TILED_OPTIONS)
-        torus = {name: value for name, value in options.items() if name in TORUS_OPTIONS}
-        self.config = ToroidalConfig(d_model=heads * head_dim, n_heads=heads, rope="none", **torus)
+        self.config = torus_config(heads, head_dim, options)
         self.settings = tiling_settings(
             self.config.depth,
             options.get("tile_size"),
@@ -405,9 +405,9 @@ class TiledKernel(KernelModule):
 
     def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
         cfg = self.config
-        period = cfg.period if cfg.period is not None else (cfg.max_len if causal else k.shape[-2])
         call = plan_call(
-            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
+            q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance,
+            period=cfg.period_for(k.shape[-2], causal), causal=causal,
             window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,
         )  # fmt: skip
         # Layers and repeated steps share a shape: keep the last plan (classification and bias table).

@@ -98,5 +98,5 @@ def trained_attention_weights(
         run.model(input_ids=ids[None])
     tokens = [run.tokenizer.decode([int(token)]) for token in ids]
     # Causal language models ring with a fixed period (see integrations.transformers).
-    period = run.toroidal.period if run.toroidal.period is not None else run.toroidal.max_len
+    period = run.toroidal.period_for(ids.numel(), causal=True)
     return TrainedAttention(captured[0][0, head].float(), depth, period, tokens, layer, layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from toroidal.config import TORUS_FLAGS
 from toroidal.mechanisms.adaptive import adaptive_run
 from toroidal.training.data import DataOptions, parse_dataset_spec
 from toroidal.training.errors import SetupError
@@ -146,8 +147,7 @@ class TrainConfig:
         )
 
     def toroidal_options(self) -> dict:
-        keys = ("depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in TORUS_FLAGS}
 
     def kernel_options(self) -> dict:
         """The options of a mechanism other than toroidal (see `toroidal.training.mechanism`)."""

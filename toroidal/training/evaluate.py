@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from toroidal.config import TORUS_FLAGS
 from toroidal.training.data import DataOptions, load_eval_text, make_dataset, parse_dataset_spec
 from toroidal.training.distributed import DistInfo
 from toroidal.training.errors import SetupError
@@ -124,8 +125,7 @@ def _model_and_tokenizer(config: EvalConfig):
     model = build_model(source, tokenizer, config.seq_len, config.seed)
     layers = check_layers(model, config.layers)
     toroidal = kernel = None
-    options = {key: getattr(config, key) for key in ("depth", "lambda_distance", "period", "window")}
-    options.update(fusion=config.fusion, fusion_rank=config.fusion_rank, backend=config.backend)
+    options = {key: getattr(config, key) for key in TORUS_FLAGS}
     if config.mechanism == "toroidal":
         toroidal = make_toroidal_config(options, config.seq_len)
         layers = add_toroidal(model, toroidal, layers)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from toroidal.config import TORUS_FLAGS, period_for
 from toroidal.functional import backend_for_shape
 from toroidal.kernels import BackendUnavailable
 from toroidal.runtime import memory
@@ -69,7 +70,8 @@ def _chosen_backend(
     shape: memory.ModelShape, options: dict, batch: int, seq_len: int, training: bool, device
 ):
     """The backend toroidal layers will run (auto resolved as the kernel resolves it)."""
-    period = options.get("period") or seq_len  # causal language models: P = period or the context
+    # Causal language models: max_len is the context.
+    period = period_for(seq_len, period=options.get("period"), max_len=seq_len, causal=True)
     backend = options.get("backend", "auto")
     try:
         return backend_for_shape(
@@ -158,8 +160,7 @@ def eval_footprint(config) -> memory.Footprint:
     else:
         source = resolve_model(config.model)
         attention, layers = config.attention, config.layers
-        keys = ("depth", "lambda_distance", "period", "window", "backend")
-        options = {key: getattr(config, key) for key in keys}
+        options = {key: getattr(config, key) for key in TORUS_FLAGS}
         vocab = _vocab(config.tokenizer, source)
     hf_config = _hf_config(source, vocab)
     shape = model_shape(hf_config, _meta_model(hf_config))

@@ -27,10 +27,10 @@ from toroidal.integrations.transformers import (
     FUSION_ATTR,
     apply_toroidal,
     load_toroidal_weights,
+    remove_mechanism,
     remove_toroidal,
     toroidal_layers,
 )
-from toroidal.integrations.transformers.mechanisms import remove_mechanism
 from toroidal.training.errors import SetupError
 from toroidal.training.mechanism import add_mechanism, kernel_options, resolve_mechanism
 from toroidal.training.models import (

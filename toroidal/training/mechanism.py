@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from toroidal.integrations.transformers.mechanisms import (
+from toroidal.integrations.transformers import (
     apply_mechanism,
     mechanism_layers,
     mechanism_metrics,
@@ -27,7 +27,6 @@ from toroidal.training.errors import SetupError
 
 DEFAULT_MECHANISM = "toroidal"
 OLD_NAMES = {"toroidal": "toroidal", "baseline": "standard"}  # --attention value -> mechanism
-TORUS_OPTIONS = ("depth", "lambda_distance", "period", "window", "fusion", "fusion_rank", "backend")
 
 
 def attention_label(mechanism: str) -> str:

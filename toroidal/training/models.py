@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from toroidal.config import ToroidalConfig
-from toroidal.integrations.transformers import apply_toroidal, attention_modules, toroidal_layers
+from toroidal.integrations.transformers import (
+    FUSION_ATTR,
+    KERNEL_ATTR,
+    apply_toroidal,
+    attention_modules,
+    load_mechanism_weights,
+    load_toroidal_weights,
+    max_positions,
+    toroidal_layers,
+)
 from toroidal.training.data import check_seed
 from toroidal.training.errors import CheckpointError, SetupError
 from toroidal.training.hub import require_hub, trust_remote_code
@@ -146,10 +155,6 @@ def _token_ids(tokenizer) -> dict:
     }
 
 
-def max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.Module:
     """The host model (sdpa attention), initialized from `seed` for presets."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -271,8 +276,6 @@ def load_checkpoint_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from toroidal.integrations.transformers import FUSION_ATTR, load_toroidal_weights
-    from toroidal.integrations.transformers.mechanisms import KERNEL_ATTR, load_mechanism_weights
     from toroidal.training.mechanism import add_mechanism
 
     try:

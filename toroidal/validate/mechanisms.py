@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from toroidal.config import period_for
 from toroidal.functional import toroidal_attention
 from toroidal.mechanisms import build_kernel, get_mechanism
 from toroidal.validate.report import (
@@ -259,7 +260,7 @@ def check_tiled_full_budget(device: torch.device | str = "cpu") -> list[CheckRes
         if case["pad"]:
             padding = torch.ones(_BATCH, _N, dtype=torch.bool, device=device)
             padding[1, -3:] = False
-        period = case["period"] or (max_len if case["causal"] else _N)
+        period = period_for(_N, period=case["period"], max_len=max_len, causal=case["causal"])
         with torch.no_grad():
             got = kernel(q, k, v, causal=case["causal"], key_padding_mask=padding)
             want = toroidal_attention(

@@ -1,23 +1,20 @@
 """Any mechanism, toroidal attention included, inside a Hugging Face transformers model.
 
     from toroidal.integrations.transformers import apply_mechanism, apply_toroidal, remove_mechanism
+
+`host.py` is the host plumbing, `attach.py` the one attacher every mechanism plugs in through,
+`toroidal.py` and `mechanisms.py` the public ways in, `streaming.py` latent-state decoding.
 """
 
+from toroidal.integrations.transformers.attach import KERNEL_ATTR
 from toroidal.integrations.transformers.host import (
-    FUSION_ATTR,
-    apply_toroidal,
     attention_modules,
-    capture_attention,
     host_keys,
     host_layers,
-    is_toroidal,
-    load_toroidal_weights,
+    max_positions,
     platter_order,
-    remove_toroidal,
-    toroidal_layers,
 )
 from toroidal.integrations.transformers.mechanisms import (
-    KERNEL_ATTR,
     applied_mechanism,
     apply_mechanism,
     load_mechanism_weights,
@@ -34,6 +31,15 @@ from toroidal.integrations.transformers.streaming import (
     stream_logits,
     streaming_layers,
 )
+from toroidal.integrations.transformers.toroidal import (
+    FUSION_ATTR,
+    apply_toroidal,
+    capture_attention,
+    is_toroidal,
+    load_toroidal_weights,
+    remove_toroidal,
+    toroidal_layers,
+)
 
 __all__ = [
     "FUSION_ATTR",
@@ -49,6 +55,7 @@ __all__ = [
     "is_toroidal",
     "load_mechanism_weights",
     "load_toroidal_weights",
+    "max_positions",
     "mechanism_layers",
     "mechanism_metrics",
     "platter_order",

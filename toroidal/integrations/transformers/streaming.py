@@ -3,18 +3,11 @@
     with streaming_layers(model, latent_size=64, update="linear"):
         logits = stream_logits(model, ids)  # (B, T, vocab), the model fed one token at a time
 
-The model sees one token per call, at its position (`position_ids`), without a KV cache.
-The host computes that token's q, k and v with its own projections and rotary encoding;
-each toroidal layer (kernel mode, `apply_toroidal`) runs `latent_attention_step` on its
-state, with the layer's torus, its head-dim platter order, the host's scale and its depth
-fusion, and the host's output projection follows. The period is the layer's causal one
-(config.period or max_len), as in the full pass.
-
-Every attention layer must be toroidal: a standard layer would need the growing KV
-cache that streaming replaces. The update parameters are created here and are not
-trained: `linear` starts as the running mean of each slot (exact while every slot holds
-one position), `gru` starts at random. What streaming costs in quality with them is the
-point of `toroidal eval --streaming`; see `toroidal.streaming` for what it approximates.
+The attacher's attention function runs a layer's stream (`STREAM_ATTR`) instead of its kernel:
+`latent_attention_step` with the layer's torus, platter order, causal period and depth fusion.
+Every attention layer must be toroidal (a standard layer would need the KV cache streaming
+replaces). The update parameters are created here, untrained: `linear` starts as the running
+mean of each slot, `gru` at random; `toroidal eval --streaming` measures what that costs.
 """
 
 from __future__ import annotations
@@ -26,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toroidal.integrations.transformers.host import FUSION_ATTR, attention_modules
+from toroidal.integrations.transformers.attach import STREAM_ATTR, LayerState, layer_state
+from toroidal.integrations.transformers.host import attention_modules
+from toroidal.integrations.transformers.toroidal import toroidal_layers
 from toroidal.streaming import LatentKV, LatentUpdate, latent_attention_step
 
-STREAM_ATTR = "toroidal_stream"  # the attribute `_toroidal_forward` looks for
+__all__ = ["STREAM_ATTR", "check_streamable", "reset_streams", "stream_logits", "streaming_layers"]
 
 
 @dataclass
@@ -40,17 +35,14 @@ class LayerStream:
     latent_size: int
     state: LatentKV | None = None
 
-    def step(self, module: nn.Module, query, key, value, scaling):
+    def step(self, module: nn.Module, layer: LayerState, query, key, value, scaling):
         """The attention interface's call for one token: (output (B, 1, H, e), no weights)."""
-        layer = module.toroidal
-        cfg = layer.config
+        cfg = layer.kernel.config
         if query.shape[2] != 1:
             raise ValueError(
                 f"toroidal layer {layer.layer} is streaming: one token per call, got {query.shape[2]}"
             )
-        if layer.order is not None:
-            order = layer.order_on(query.device)
-            query, key = query.index_select(-1, order), key.index_select(-1, order)
+        query, key = layer.permute(query, key)
         if self.state is None:
             b, kv_heads, _, e = key.shape
             self.state = LatentKV.empty(b, kv_heads, self.latent_size, e, key.device, key.dtype)
@@ -62,18 +54,19 @@ class LayerStream:
             self.update,
             depth=cfg.depth,
             lambda_distance=cfg.lambda_distance,
-            period=cfg.period if cfg.period is not None else cfg.max_len,
+            period=cfg.period_for(0, causal=True),
             window=cfg.window,
             scale=scaling,
         )
-        out = F.dropout(getattr(module, FUSION_ATTR)(out), cfg.dropout, training=module.training)
+        out = layer.kernel.fusion(out)
+        if layer.plug.dropout:
+            out = F.dropout(out, layer.plug.dropout, training=module.training)
         return out.transpose(1, 2).contiguous(), None
 
 
 def check_streamable(model: nn.Module) -> None:
     """Raise ValueError unless every attention layer of `model` runs toroidal attention."""
-    modules = attention_modules(model)
-    plain = [layer for layer, module in modules.items() if getattr(module, "toroidal", None) is None]
+    plain = sorted(set(attention_modules(model)) - set(toroidal_layers(model)))
     if plain:
         raise ValueError(
             f"streaming needs toroidal attention in every layer; layer(s) {', '.join(map(str, plain))} "
@@ -93,9 +86,9 @@ def streaming_layers(model: nn.Module, latent_size: int = 64, update: str = "lin
     check_streamable(model)
     modules = attention_modules(model).values()
     for module in modules:
-        layer = module.toroidal
-        width = layer.head_dim // layer.config.depth
-        rule = LatentUpdate(update, _kv_heads(model, layer.heads), layer.config.depth, width)
+        layer = layer_state(module)
+        depth = layer.kernel.config.depth
+        rule = LatentUpdate(update, _kv_heads(model, layer.heads), depth, layer.head_dim // depth)
         reference = next(module.parameters())
         rule = rule.to(device=reference.device, dtype=reference.dtype)
         setattr(module, STREAM_ATTR, LayerStream(rule, latent_size))
