@@ -12,9 +12,10 @@ import torch
 from helpers import assert_one_line_error, small_cpu_default
 from typer.testing import CliRunner
 
-import toroidal.bench.core as bench
-from toroidal.bench.core import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops
+import toroidal.bench as bench
+from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attention_flops, measure
 from toroidal.functional import selected_backend as chosen_backend
+from toroidal.kernels import BackendUnavailable
 from toroidal_cli.app import app
 from toroidal_cli.commands import bench as bench_command
 from toroidal_cli.results import read_result
@@ -142,8 +143,8 @@ def test_out_of_memory_becomes_an_oom_row(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
-    monkeypatch.setattr(bench, "time_call", out_of_memory)  # unpaired timing
-    monkeypatch.setattr(bench, "timed_run", out_of_memory)  # paired timing
+    monkeypatch.setattr(measure, "time_call", out_of_memory)  # unpaired timing
+    monkeypatch.setattr(measure, "timed_run", out_of_memory)  # paired timing
     record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa,blockwise")
     assert [row["status"] for row in record["rows"]] == ["oom", "oom"]
     assert "Tried to allocate" in record["rows"][0]["reason"]
@@ -324,7 +325,7 @@ def test_chosen_backend_matches_what_auto_picks():
     assert chosen_backend(q, q, q, depth=2, backend="blockwise") == "blockwise"
     case = BenchCase("auto", seq_len=16, depth=2, batch=1, heads=2, d_model=32)
     assert bench.case_backend(case) == small_cpu_default()
-    with pytest.raises(bench.BackendUnavailable):
+    with pytest.raises(BackendUnavailable):
         bench.case_backend(BenchCase("flash2", seq_len=16, depth=2, batch=1, heads=2, d_model=32))
 
 
@@ -391,8 +392,8 @@ def test_paired_timing_alternates_the_row_with_its_baselines():
     def failing(device):
         raise RuntimeError("no room")
 
-    timing = bench.Timing(warmup=2, repeats=3)
-    measured = bench._measure(factory("row"), timing, {"base": factory("base"), "broken": failing})
+    timing = measure.Timing(warmup=2, repeats=3)
+    measured = measure.measure_steps(factory("row"), timing, {"base": factory("base"), "broken": failing})
     assert calls == ["row"] * 2 + ["base"] * 2 + ["row", "base"] * 3
     assert len(measured.times) == 3 and len(measured.baseline_times["base"]) == 3
     assert measured.baseline_times["broken"] == "RuntimeError: no room"

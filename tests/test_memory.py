@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from toroidal.bench.core import BenchCase, BenchSweep, materialized_bytes, run_sweep
+from toroidal.bench import BenchCase, BenchSweep, materialized_bytes, run_sweep
 from toroidal.runtime import memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")

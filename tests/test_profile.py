@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import toroidal.attention
 from toroidal import ToroidalAttention, ToroidalConfig
-from toroidal.bench.profile import FORWARD_STAGES, ProfileSpec, profile_attention, stage_ranges
+from toroidal.bench.profile import FORWARD_STAGES, ProfileSpec, chosen_backend, profile_attention
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 
@@ -92,16 +92,16 @@ def test_trace_to_a_folder_is_an_error(tmp_path):
     assert_one_line_error(invoke(*TINY, "--trace", str(tmp_path)), "folder")
 
 
-def test_stage_ranges_leave_the_module_as_it_was():
+def test_the_module_labels_its_own_stages_and_nothing_is_patched():
     layer = ToroidalAttention(ToroidalConfig(d_model=32, n_heads=2, depth=2))
     original = toroidal.attention.toroidal_attention
-    chosen: list[str] = []
-    with stage_ranges(layer, chosen):
-        assert toroidal.attention.toroidal_attention is not original
+    with torch.profiler.profile() as prof:
         layer(torch.randn(1, 8, 32))
-    assert chosen == ["sdpa"]
+    labels = {event.key for event in prof.key_averages() if event.key.startswith("toroidal::")}
+    assert labels == {f"toroidal::{stage}" for stage in FORWARD_STAGES}
     assert toroidal.attention.toroidal_attention is original
     assert not layer.qkv._forward_hooks and not layer.qkv._forward_pre_hooks
+    assert chosen_backend(ProfileSpec(layer.config, seq_len=8)) == "sdpa"  # with gradients, as above
 
 
 def test_library_profile_returns_plain_rows():

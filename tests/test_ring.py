@@ -164,7 +164,7 @@ def test_ring_attention_needs_a_process_group_and_a_known_layout():
 
 
 def test_sweep_adds_ring_rows_after_each_shape():
-    from toroidal.bench.core import BenchSweep
+    from toroidal.bench import BenchSweep
 
     sweep = BenchSweep(backend=["sdpa", "blockwise"], seq_len=[8, 16], ring_world_size=[2, 4])
     rows = [(case.seq_len, case.backend, case.ring_world_size) for case in sweep.cases()]

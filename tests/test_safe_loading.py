@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "toroidal").rglob("*.py"), *(ROOT / "toroidal_cli").rglob("*.py")])
 # Pickles a process exchanges with children it started itself, never files a user hands in: the
 # benchmark's worker pipe, and the ring launcher's per-rank results in its own temporary folder.
-PICKLE_ALLOWED = {ROOT / "toroidal" / "bench" / "core.py", ROOT / "toroidal" / "runtime" / "launch.py"}
+PICKLE_ALLOWED = {ROOT / "toroidal" / "bench" / "worker.py", ROOT / "toroidal" / "runtime" / "launch.py"}
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from toroidal.bench.core import BenchSweep, run_sweep
+from toroidal.bench import BenchSweep, run_sweep
 from toroidal.training import TrainConfig, train
 from toroidal.training.checkpoint import latest_checkpoint, list_checkpoints
 from toroidal_cli.signals import StopSignals

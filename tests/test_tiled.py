@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from toroidal import toroidal_attention
-from toroidal.bench.core import BenchSweep, run_sweep
+from toroidal.bench import BenchSweep, run_sweep
 from toroidal.geometry import ring_distance
 from toroidal.mechanisms import build_kernel, get_mechanism
 

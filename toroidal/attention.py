@@ -11,6 +11,7 @@ from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
 from toroidal.kv_cache import KVCache
 from toroidal.rope import ToroidalRotary
+from toroidal.runtime.timing import stage
 
 # Keywords of the original research implementation, mapped to config fields.
 _LEGACY_KEYWORDS = {"fusion_mode": "fusion", "window_size": "window"}
@@ -67,29 +68,39 @@ class ToroidalAttention(nn.Module):
         b, n, _ = x.shape
         start = 0 if cache is None else self._decoding_start(cache, attention_mask)
         period = cfg.period_for(start + n)
-        q, k, v = self.qkv(x).view(b, n, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q, start, period), self.rotary(k, start, period)
+        # Stages are labelled for torch.profiler (`toroidal profile`); without a profiler, no cost.
+        with stage("projections"):
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(b, n, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        with stage("rotary"):
+            q = self.rotary(q, start, period)
+        with stage("rotary"):
+            k = self.rotary(k, start, period)
         if cache is not None:
             k, v = cache.append(k, v)
         padding = attention_mask.to(torch.bool) if attention_mask is not None else None
-        out, weights = (toroidal_attention if self.fft is None else self.fft)(
-            q,
-            k,
-            v,
-            depth=cfg.depth,
-            lambda_distance=cfg.lambda_distance,
-            period=period,
-            causal=cfg.causal,
-            window=cfg.window,
-            key_padding_mask=padding,
-            backend=cfg.backend,
-            return_weights=return_attention,
-            always_tuple=True,
-            q_offset=start,
-        )
-        out = self.dropout(self.fusion(out))
-        out = out.transpose(1, 2).reshape(b, n, cfg.d_model)
-        return self.out(out), weights
+        with stage("kernel"):
+            out, weights = (toroidal_attention if self.fft is None else self.fft)(
+                q,
+                k,
+                v,
+                depth=cfg.depth,
+                lambda_distance=cfg.lambda_distance,
+                period=period,
+                causal=cfg.causal,
+                window=cfg.window,
+                key_padding_mask=padding,
+                backend=cfg.backend,
+                return_weights=return_attention,
+                always_tuple=True,
+                q_offset=start,
+            )
+        with stage("fusion"):
+            out = self.fusion(out)
+        out = self.dropout(out).transpose(1, 2).reshape(b, n, cfg.d_model)
+        with stage("output"):
+            out = self.out(out)
+        return out, weights
 
     def get_metrics(self) -> dict:
         """The mechanism-layer contract (`toroidal.mechanisms`): exact attention measures nothing."""

@@ -1,42 +1,31 @@
-"""Profile one `ToroidalAttention` step with torch.profiler: top operators, time per stage, peak memory.
+"""Profile one attention layer step with torch.profiler: top operators, time per stage, peak memory.
 
-Stages are `record_function` ranges added from outside the module, so attention.py stays
-free of profiling code: forward hooks on its submodules (qkv -> projections, rotary,
-fusion, out -> output) and, for the kernel, `toroidal.attention.toroidal_attention`
-wrapped for the duration of the run. fwd+bwd adds a `backward` range. Time not in a
-stage (reshapes, dropout, the module's own glue) is reported as `other`.
-
-Another mechanism (`ProfileSpec.mechanism`) runs as the standalone layer of
-`toroidal.mechanisms.build_attention`: projections, its kernel module (the `kernel`
-stage, with whatever fusion the kernel does itself) and the output projection.
+Stages are the `record_function` ranges the layers label themselves with (`toroidal::projections`,
+`rotary`, `kernel`, `fusion`, `output`: see `ToroidalAttention.forward`); fwd+bwd adds `backward`.
+Time in no stage (reshapes, dropout) is `other`. Another mechanism runs as its standalone layer
+(`toroidal.mechanisms.build_attention`), which labels projections, kernel and output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import toroidal.attention as attention_module
 from toroidal.attention import ToroidalAttention
-from toroidal.bench.core import DTYPES, GpuTelemetry
 from toroidal.config import ToroidalConfig
-from toroidal.functional import selected_backend
+from toroidal.functional import backend_for_shape
 from toroidal.mechanisms import build_attention
+from toroidal.runtime.devices import DTYPES
+from toroidal.runtime.timing import STAGE_PREFIX, GpuTelemetry, PeakMemory, device_sync
 
-LABEL = "toroidal::"
+LABEL = STAGE_PREFIX
 FORWARD_STAGES = ("projections", "rotary", "kernel", "fusion", "output")
-_SUBMODULE_STAGES = (
-    ("qkv", "projections"), ("rotary", "rotary"), ("fusion", "fusion"), ("kernel", "kernel"),
-    ("out", "output"),
-)  # fmt: skip
 _MB = 1024**2
 
 
@@ -89,38 +78,24 @@ class ProfileResult:
         return path
 
 
-@contextlib.contextmanager
-def stage_ranges(module: ToroidalAttention, chosen: list[str]) -> Iterator[None]:
-    """Label the module's stages with record_function ranges; each kernel call's backend goes to `chosen`."""
-    handles = []
-    for attr, stage in _SUBMODULE_STAGES:
-        if not isinstance(getattr(module, attr, None), torch.nn.Module):
-            continue  # the stages of another layout (a mechanism layer has no rotary or fusion of its own)
-        open_ranges: list[record_function] = []
-
-        def enter(_module, _args, stage=stage, open_ranges=open_ranges):
-            open_ranges.append(record_function(LABEL + stage).__enter__())
-
-        def leave(_module, _args, _output, open_ranges=open_ranges):
-            open_ranges.pop().__exit__(None, None, None)
-
-        submodule = getattr(module, attr)
-        handles += [submodule.register_forward_pre_hook(enter), submodule.register_forward_hook(leave)]
-
-    original = attention_module.toroidal_attention
-
-    def kernel(*args, **kwargs):
-        chosen.append(selected_backend(*args, **kwargs))
-        with record_function(LABEL + "kernel"):
-            return original(*args, **kwargs)
-
-    attention_module.toroidal_attention = kernel
-    try:
-        yield
-    finally:
-        attention_module.toroidal_attention = original
-        for handle in handles:
-            handle.remove()
+def chosen_backend(spec: ProfileSpec) -> str | None:
+    """The backend the layer's kernel call runs (auto resolved); None where it is not `toroidal_attention`
+    (another mechanism, or the FFT approximation)."""
+    cfg = spec.config
+    if spec.mechanism != "toroidal" or cfg.approximation == "fft":
+        return None
+    return backend_for_shape(
+        (spec.batch, cfg.n_heads, spec.seq_len, cfg.head_dim),
+        device=spec.device,
+        dtype=DTYPES[spec.dtype],
+        training=spec.mode == "fwd+bwd",
+        backend=cfg.backend,
+        depth=cfg.depth,
+        lambda_distance=cfg.lambda_distance,
+        period=cfg.period_for(spec.seq_len),
+        causal=cfg.causal,
+        window=cfg.window,
+    )
 
 
 def _ms(microseconds: float, steps: int) -> float:
@@ -235,7 +210,8 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
     x = torch.randn(spec.batch, spec.seq_len, spec.config.d_model, device=device, dtype=DTYPES[spec.dtype])
     x.requires_grad_(training)
     on_device = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if on_device else (lambda: None)
+    sync = device_sync(device)
+    chosen = chosen_backend(spec)
 
     def step():
         with record_function(LABEL + "step"), torch.set_grad_enabled(training):
@@ -245,24 +221,22 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
                 with record_function(LABEL + "backward"):
                     out.backward(torch.ones_like(out))
 
-    chosen: list[str] = []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-    with stage_ranges(module, chosen):
-        for _ in range(spec.warmup):
+    for _ in range(spec.warmup):
+        step()
+    sync()
+    with (
+        PeakMemory(device, isolated=False) as cuda_peak,
+        profile(activities=activities, profile_memory=True) as prof,
+    ):
+        start = time.perf_counter()  # not the profiler's own start and stop
+        for _ in range(spec.steps):
             step()
         sync()
-        if on_device:
-            start_bytes = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        with profile(activities=activities, profile_memory=True) as prof:
-            start = time.perf_counter()  # not the profiler's own start and stop
-            for _ in range(spec.steps):
-                step()
-            sync()
-            wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
 
     if on_device:
-        peak, method = torch.cuda.max_memory_allocated(device) - start_bytes, "cuda max_memory_allocated"
+        peak, method = cuda_peak.bytes, cuda_peak.method
     else:
         peak, method = peak_allocated_bytes(prof, device.type), "profiler allocation events (CPU allocator)"
     averages = prof.key_averages()
@@ -270,7 +244,7 @@ def profile_attention(spec: ProfileSpec) -> ProfileResult:
     summary = {
         "mechanism": spec.mechanism,
         "backend": spec.config.backend,
-        "chosen": chosen[-1] if chosen else None,
+        "chosen": chosen,
         "mechanism_metrics": module.get_metrics() if hasattr(module, "get_metrics") else None,
         "step_ms": wall * 1e3 / spec.steps,
         "peak_memory_mb": peak / _MB if peak is not None else None,

@@ -1,16 +1,5 @@
-"""The sequence-parallel rows of `toroidal bench`: `ring_attention` timed across W local processes.
-
-A ring row runs the same problem as the single-process rows of its shape (B, H, N, e,
-the torus, the mode), cut into W sequence shards, one per spawned process (gloo on CPU,
-NCCL with one GPU per rank on CUDA). Causal rows use the load-balanced zigzag layout,
-others the contiguous one. Every timed run starts and ends with a barrier, so a rank's
-time is the wall time of the whole distributed step; the row keeps the times of the rank
-with the slowest median. Peak memory is the largest per-rank peak: resident-set growth of each fresh rank
-process on CPU, the CUDA allocator's peak on GPU. The ranks share the row's thread
-budget (threads // W each, at least one), so that ring and single-process rows use the
-same cores. With paired baselines (the default), rank 0 times the row's two plain-SDPA
-baselines after every ring run, with the whole thread budget, while the other ranks wait.
-"""
+"""The sequence-parallel rows of `toroidal bench`: `ring_attention` timed across W local processes,
+each holding one sequence shard (docs/internals.md "Measuring" says how ranks are timed)."""
 
 from __future__ import annotations
 
@@ -19,23 +8,21 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from toroidal.bench.core import (
-    BenchCase,
+from toroidal.bench.cases import BenchCase, baseline_calls
+from toroidal.bench.measure import (
     Measurement,
-    PeakMemory,
     Timing,
-    WorkerDied,
-    baseline_calls,
     inference_step,
     paired_steps,
     random_inputs,
     sdpa_step_factory,
-    timed_run,
     training_step,
 )
+from toroidal.bench.worker import WorkerDied
 from toroidal.kernels import BackendUnavailable
 from toroidal.ring import ring_attention
 from toroidal.runtime.launch import RankFailed, run_local_group
+from toroidal.runtime.timing import PeakMemory, device_sync, timed_run
 
 
 def ring_layout(case: BenchCase) -> str:
@@ -62,7 +49,7 @@ def ring_chosen(case: BenchCase) -> str:
 
 def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Measurement:
     device = torch.device("cuda", rank) if case.device.startswith("cuda") else torch.device("cpu")
-    local_sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    local_sync = device_sync(device)
 
     def sync():  # every rank starts and ends a timed run together
         local_sync()
@@ -75,7 +62,7 @@ def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Mea
 
     torch.manual_seed(rank)
     sync()  # the group's own first-use buffers are not the row's memory
-    # As in bench._measure: peak memory covers setup and warm-up, never the baselines.
+    # As in measure_steps: peak memory covers setup and warm-up, never the baselines.
     with PeakMemory(device, isolated=True) as peak:
         shape = (case.batch, case.heads, case.seq_len // world, case.head_dim)
         q, k, v = random_inputs(shape, case.dtype, case.training, device)

@@ -1,21 +1,6 @@
-"""One decoding step, streaming against exact KV-cache decoding: the rows of `toroidal bench --mode stream`.
-
-A `stream` row takes the module shape of its case (B, H, d_model, D, lambda, window,
-period; P = N when the period is none) and times one token after a context of N =
-seq_len tokens, two ways:
-
-- streaming: `StreamingToroidalAttention.forward_streaming` on a `LatentKV` of
-  LATENT_SIZE slots with the UPDATE rule (the row's median_ms, p10_ms, p90_ms);
-- KV cache: `ToroidalAttention(x_t, cache=...)` for the token at position N against N
-  cached keys (kv_cache_ms), through the row's backend (what `auto` picks is `chosen`).
-
-The context is random: a step's cost does not depend on the values, so no prefill is
-needed. Memory: the bytes each holds for the context (state_bytes: constant in N;
-kv_cache_bytes: linear in N), and, where the bench measures it (CUDA, or isolated CPU
-rows), the peak growth while building that context and taking the steps, each path in
-its own fresh process after one step on a tiny context (1 token, 1 slot), so that
-loading code is not counted as the context's memory.
-"""
+"""The rows of `toroidal bench --mode stream`: one decoding step after N context tokens, streaming
+(`StreamingToroidalAttention` on a LatentKV of LATENT_SIZE slots) against exact KV-cache decoding,
+with the memory each holds for the context (docs/internals.md "Measuring")."""
 
 from __future__ import annotations
 
@@ -26,25 +11,15 @@ from dataclasses import replace
 import torch
 
 from toroidal.attention import ToroidalAttention
-from toroidal.bench.core import (
-    DTYPES,
-    ERROR,
-    OK,
-    OOM,
-    SKIPPED,
-    BenchCase,
-    Measurement,
-    PeakMemory,
-    Timing,
-    empty_row,
-    is_out_of_memory,
-    percentile,
-    time_call,
-)
+from toroidal.bench.cases import BenchCase
+from toroidal.bench.measure import Measurement, Timing
+from toroidal.bench.rows import OK, SKIPPED, empty_row, failed_row, time_fields
 from toroidal.config import ToroidalConfig
 from toroidal.functional import selected_backend
 from toroidal.kernels import BackendUnavailable
 from toroidal.kv_cache import KVCache
+from toroidal.runtime.devices import DTYPES
+from toroidal.runtime.timing import PeakMemory, device_sync, time_call
 from toroidal.streaming import LatentKV, StreamingToroidalAttention, slot_of
 
 STREAM = "stream"
@@ -143,7 +118,7 @@ def measure_decode_step(case: BenchCase, timing: Timing, path: str) -> Measureme
         torch.set_num_threads(timing.threads)
     torch.manual_seed(0)
     module = decoding_module(case).to(device=device, dtype=DTYPES[case.dtype])  # weights: not the context
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     with torch.no_grad():  # first a step on a tiny context: loading code is not the context's memory
         _step(replace(case, seq_len=1), path, module, device, latent_size=1)()
     with torch.no_grad(), PeakMemory(device, timing.isolated) as peak:
@@ -171,7 +146,7 @@ def bench_stream_case(case: BenchCase, run: Callable, timing: Timing, budget_gb:
     """One `stream` row: streaming step times, the KV-cache step time, their ratio and memory.
 
     Returns the row with the bench's fields plus STREAM_FIELDS; problems become
-    `skipped`, `oom` or `error` rows, as in `toroidal.bench.bench_case`.
+    `skipped`, `oom` or `error` rows, as in `toroidal.bench.sweep.bench_case`.
     """
     problem = case.problem() or _problem(case, budget_gb)
     if problem is not None:
@@ -186,16 +161,12 @@ def bench_stream_case(case: BenchCase, run: Callable, timing: Timing, budget_gb:
     except BackendUnavailable as error:
         return _with_stream_fields(empty_row(case, SKIPPED, str(error), chosen))
     except Exception as error:
-        status = OOM if is_out_of_memory(error) else ERROR
-        reason = f"{type(error).__name__}: {error}".strip()
-        return _with_stream_fields(empty_row(case, status, reason, chosen))
+        return _with_stream_fields(failed_row(case, error, chosen))
     row = _with_stream_fields(empty_row(case, OK, None, chosen))
     median, cached_median = statistics.median(stream.times), statistics.median(cached.times)
     state_bytes, cache_bytes = context_bytes(case)
     row.update(
-        median_ms=median * 1e3,
-        p10_ms=percentile(stream.times, 0.1) * 1e3,
-        p90_ms=percentile(stream.times, 0.9) * 1e3,
+        time_fields(stream.times),
         tokens_per_s=case.batch / median,
         memory_method=stream.memory_method,
         kv_cache_ms=cached_median * 1e3,

@@ -8,13 +8,17 @@ from collections.abc import Callable
 
 import torch
 
-from toroidal.bench import core as bench
+from toroidal.bench.cases import materialized_bytes
+from toroidal.bench.measure import clear_backend_caches
 from toroidal.functional import plan_call
 from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
 from toroidal.kernels.tuning_table import Bucket, TunedEntry, TuningTable
+from toroidal.runtime.devices import DTYPES
+from toroidal.runtime.timing import device_sync, time_call
 
 TILE_CANDIDATES = (64, 128, 256, 512)  # blockwise tile sizes tried, in platter-tokens
 DEFAULT_MEMORY_GB = 4.0  # skip candidates whose (L x L) scores would exceed this (they run in-process)
+
 
 def _candidates(names: list[str], request: KernelRequest, tiles) -> list[tuple[str, Backend, int | None]]:
     """(label, backend, tile) for each named backend; blockwise once per tile size."""
@@ -43,7 +47,7 @@ def tune(sweep, *, tiles=TILE_CANDIDATES, on_case: Callable[[str], None] | None 
     if sweep.threads is not None:
         torch.set_num_threads(sweep.threads)
     budget_bytes = (sweep.memory_budget_gb or DEFAULT_MEMORY_GB) * 1024**3
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     names = backend_names() if "auto" in sweep.backend else list(dict.fromkeys(sweep.backend))
     table = TuningTable()
     for case in sweep.cases():
@@ -51,7 +55,7 @@ def tune(sweep, *, tiles=TILE_CANDIDATES, on_case: Callable[[str], None] | None 
             continue
         shape = (case.batch, case.heads, case.seq_len, case.head_dim)
         q, k, v = (
-            torch.randn(shape, device=device, dtype=bench.DTYPES[case.dtype], requires_grad=case.training)
+            torch.randn(shape, device=device, dtype=DTYPES[case.dtype], requires_grad=case.training)
             for _ in range(3)
         )
         kwargs = {name: value for name, value in case.kernel_kwargs().items() if name != "backend"}
@@ -65,19 +69,19 @@ def tune(sweep, *, tiles=TILE_CANDIDATES, on_case: Callable[[str], None] | None 
         measured, skipped = {}, {}
         for label, backend, _tile in _candidates(names, request, tiles):
             reason = backend.unavailable_reason(request)
-            if reason is None and bench.materialized_bytes(backend.name, case) > budget_bytes:
+            if reason is None and materialized_bytes(backend.name, case) > budget_bytes:
                 reason = f"would materialize more than {budget_bytes / 1024**3:g} GiB of (L x L) scores"
             if reason is not None:
                 skipped[label] = reason
                 continue
             step = _step(backend, q, k, v, kwargs, case.training)
             try:
-                times = bench.time_call(step, max(1, sweep.warmup), sweep.repeats, sync)
+                times = time_call(step, max(1, sweep.warmup), sweep.repeats, sync)
             except (BackendUnavailable, RuntimeError, ValueError, MemoryError) as error:
                 skipped[label] = f"{type(error).__name__}: {error}".splitlines()[0]
                 continue
             finally:
-                bench.clear_backend_caches()
+                clear_backend_caches()
             measured[label] = statistics.median(times) * 1e3
         if measured:
             label = min(measured, key=measured.get)
@@ -90,6 +94,7 @@ def tune(sweep, *, tiles=TILE_CANDIDATES, on_case: Callable[[str], None] | None 
 
 def _step(backend: Backend, q, k, v, kwargs: dict, training: bool) -> Callable[[], object]:
     """One timed call of `backend` on the planned platter-token problem (and its backward)."""
+
     def run():
         call = plan_call(q, k, v, **kwargs)
         out, _ = backend.forward(call.q, call.k, call.v, call.geometry, call.padding, call.scale, False)

@@ -21,6 +21,7 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
 from toroidal.mechanisms import get_mechanism
+from toroidal.runtime import devices
 from toroidal.training.loading import LoadedModel, ModelSpec, load_model
 
 MODEL_NAME = "toroidal"
@@ -35,8 +36,8 @@ HFLM_OPTIONS = (
     "prefix_token_id",
 )
 WRAPPER_OPTIONS = ("device", "batch_size", "max_length", "dtype")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPES.update(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+# torch's spellings (float32, float16, bfloat16), then the short names of the one dtype table.
+DTYPES = {**{str(dtype).removeprefix("torch."): dtype for dtype in devices.DTYPES.values()}, **devices.DTYPES}
 _SPEC_ALIASES = {"lambda": "lambda_distance", "model": "pretrained"}
 
 

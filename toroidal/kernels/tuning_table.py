@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from toroidal.kernels.base import Backend, KernelRequest, backend_names, get_backend
+from toroidal.runtime.devices import DTYPES
 
 SCHEMA = {"name": "toroidal.kernels.tuning_table", "version": 1}
 ENV_VAR = "TOROIDAL_TUNING_FILE"
 _OFF = ("", "off", "none")
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the bucket names of dtypes
 
 
 class TuningTableError(ValueError):

@@ -1,4 +1,4 @@
-"""Device names from users ('auto', 'cpu', 'cuda', 'cuda:N'), checked against this machine."""
+"""Device and dtype names from users, checked against this machine; THE dtype table."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import re
 
 import torch
 
+# The dtype table: the short names that flags, results and tuning tables use...
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# ...and the other spellings accepted for them (torch's names and C's).
+DTYPE_ALIASES = {
+    "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
+    "float64": "fp64", "double": "fp64",
+}  # fmt: skip
+
 
 class DeviceError(ValueError):
-    """An unusable device name. `message` names the problem, `fix` what to do instead."""
+    """An unusable device or dtype name. `message` names the problem, `fix` what to do instead."""
 
     def __init__(self, message: str, fix: str):
         super().__init__(f"{message}; {fix}")
@@ -36,3 +44,20 @@ def parse_device(text: str, allow_auto: bool = False) -> torch.device:
                 f"use --device cuda:0 to cuda:{count - 1}",
             )
     return device
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """A name of DTYPES or DTYPE_ALIASES, in any case."""
+    spec = text.strip().lower()
+    spec = DTYPE_ALIASES.get(spec, spec)
+    if spec not in DTYPES:
+        raise DeviceError(f"unknown dtype {text!r}", f"use --dtype {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype of the table ('fp32', 'fp16', 'bf16', 'fp64'); ValueError for another."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} has no name; the table has {', '.join(DTYPES)}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from toroidal.runtime.devices import DTYPES
+from toroidal.runtime.timing import synchronize
 from toroidal.training.distributed import DistInfo, all_reduce_sum
 
 DEFAULT_SYNTHETIC_BATCHES = 16  # unbounded (synthetic) data needs a limit
@@ -33,7 +35,8 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+        """The autocast dtype (None: fp32, no autocast)."""
+        return None if self.name == "fp32" else DTYPES.get(self.name)
 
     def autocast(self, device: torch.device):
         if self.dtype is None:
@@ -106,8 +109,7 @@ def evaluate_lm(
                 correct += int(torch.equal(guesses[row, -answer:], ids[row, -answer:]))
         if progress is not None:
             progress(min(first + batch_size, len(mine)), len(mine))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     nll, count, correct = all_reduce_sum([nll, count, correct], dist, device)
     model.train(was_training)

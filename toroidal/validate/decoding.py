@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from toroidal.attention import ToroidalAttention
-from toroidal.bench.core import BenchCase, Timing
+from toroidal.bench import BenchCase, Timing
 from toroidal.bench.stream import LATENT_SIZE, UPDATE, context_bytes, measure_decode_step
 from toroidal.config import ToroidalConfig
 from toroidal.kv_cache import KVCache
