@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, replace
 
+from toroidal.config import ATTENTION_OPTIONS
 from toroidal.functional import backend_for_shape
 from toroidal.kernels import backend_names
 from toroidal.mechanisms import get_mechanism
@@ -15,7 +16,7 @@ from toroidal.runtime.devices import DTYPES
 MODES = ("fwd", "fwd+bwd", "stream")  # stream: one decoding step, see toroidal.bench.stream
 BACKWARD_FLOP_FACTOR = 3.5  # fwd+bwd = forward + 2.5x forward (FlashAttention's convention)
 # Kernel options that are sweep axes of their own (--depth, --lambda, ...), never --option values.
-AXIS_OPTIONS = frozenset({"depth", "lambda_distance", "period", "window", "backend", "max_len"})
+AXIS_OPTIONS = frozenset(ATTENTION_OPTIONS)
 
 
 @dataclass(frozen=True)
