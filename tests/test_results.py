@@ -10,9 +10,10 @@ from datetime import datetime
 import pytest
 
 import toroidal
-from toroidal_cli import results
+from toroidal_cli import compare, results
+from toroidal_cli.compare import compare_rows
 from toroidal_cli.errors import UserError
-from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
+from toroidal_cli.results import capture_env, make_record, read_result, write_result
 
 ENV_KEYS = {"python", "platform", "torch", "device", "device_name", "cuda", "driver", "cpu_count", "threads"}
 
@@ -150,3 +151,29 @@ def test_compare_rows_reports_rows_that_disappeared_and_ignores_non_numbers():
 def test_compare_rows_rejects_duplicate_keys():
     with pytest.raises(ValueError, match="two rows"):
         compare_rows([{"k": 1}, {"k": 1}], [], ["k"], [])
+
+
+def test_compare_gives_the_better_side_and_the_gate_checks_only_gated_values():
+    other = [{"k": "a", "ms": 2.0, "acc": 0.5}, {"k": "b", "ms": 4.0, "acc": 0.5}]
+    this = [{"k": "a", "ms": 3.0, "acc": 0.5}, {"k": "b", "ms": 2.0, "acc": 0.75}]
+    directions = {"ms": compare.LOWER, "acc": compare.HIGHER}
+    rows = compare.compare(
+        other,
+        this,
+        ["k"],
+        ["ms", "acc"],
+        direction=lambda row, m: directions[m],
+        gated=lambda row, m: m == "ms",
+    )
+    a, b = (row["metrics"] for row in rows)
+    assert a["ms"]["better"] == "other" and a["ms"]["worse_pct"] == 50.0 and a["acc"]["better"] == "same"
+    assert b["ms"]["better"] == "this" and b["ms"]["worse_pct"] == 50.0 * -1 and b["acc"]["better"] == "this"
+    verdict = compare.gate(rows, threshold=10)
+    assert verdict.compared == 2 and [found.row["k"] for found in verdict.regressions] == ["a"]
+    assert verdict.worst.metric == "ms" and compare.gate(rows, threshold=60).worst is None
+    text = compare.table(rows, [compare.Shown("ms"), compare.Shown("acc", delta=None)], title="t")
+    headers = ["other", "this", "delta", "change", "better", "other", "this", "change", "better"]
+    assert [column.header for column in text.columns] == headers
+    assert (
+        compare.better_side(1.0, None) is None and compare.better_side(-1.0, compare.LOWER, "x", "y") == "x"
+    )

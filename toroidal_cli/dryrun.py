@@ -19,6 +19,7 @@ from rich.text import Text
 from toroidal.runtime import memory
 from toroidal_cli import render
 from toroidal_cli.memory_check import verdict
+from toroidal_cli.resolve import from_command_line
 
 DryRunOpt = Annotated[
     bool,
@@ -37,11 +38,6 @@ class Setting:
     source: str
 
 
-def given_on_command_line(ctx: typer.Context, param: str) -> bool:
-    source = ctx.get_parameter_source(param)
-    return getattr(source, "name", None) == "COMMANDLINE"  # duck-typed: typer may vendor click
-
-
 def settings(
     ctx: typer.Context,
     values: Mapping[str, object],
@@ -58,7 +54,7 @@ def settings(
     out = []
     for key, value in values.items():
         param = params.get(key, key)
-        if param in ctx.params and given_on_command_line(ctx, param):
+        if param in ctx.params and from_command_line(ctx, param):
             source = FLAG
         elif key in from_file or param in from_file:
             source = file_label or "config file"

@@ -63,7 +63,7 @@ def refuse_if_too_big(footprint: memory.Footprint, **flags: str) -> None:
 
 def sweep_memory_line(sweep) -> str:
     """A bench sweep's largest estimated row, and how many rows would be skipped for memory."""
-    from toroidal.bench.core import case_backend, case_estimate
+    from toroidal.bench import case_backend, case_estimate
     from toroidal.kernels import BackendUnavailable
 
     estimates, cases = [], sweep.cases()
@@ -95,7 +95,7 @@ def module_footprint(case) -> memory.Footprint | None:
 
     import torch
 
-    from toroidal.bench.core import case_backend, case_shape
+    from toroidal.bench import case_backend, case_shape
 
     if case.mechanism != "toroidal":
         return None

@@ -1,4 +1,4 @@
-"""The one JSON result format of every command: build, write atomically, read, compare.
+"""The one JSON result format of every command: build, write atomically, read (`compare` compares).
 
 A record is a JSON object:
 
@@ -241,54 +241,3 @@ def read_result(path: str | os.PathLike, command: str | None = None) -> dict:
             "upgrade toroidal",
         )
     return record
-
-
-# --- comparison ----------------------------------------------------------------------------------
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _index(rows: list[dict], key_fields: tuple[str, ...], side: str) -> dict[tuple, dict]:
-    index: dict[tuple, dict] = {}
-    for row in rows:
-        key = tuple(row.get(field) for field in key_fields)
-        if key in index:
-            raise ValueError(f"{side} rows have two rows with key {dict(zip(key_fields, key, strict=True))}")
-        index[key] = row
-    return index
-
-
-def compare_rows(
-    old: list[dict], new: list[dict], key_fields: list[str] | tuple[str, ...], metric_fields: list[str]
-) -> list[dict]:
-    """Match rows of two results by `key_fields` and give, per metric, old, new, delta and percent.
-
-    Each returned row holds the key fields, `match` ("both", "old_only" or "new_only")
-    and `metrics`: {metric: {"old", "new", "delta", "pct"}}. `delta` is new - old;
-    `pct` is 100 * delta / |old| (None when old is 0 or a value is missing or not a number).
-    Rows keep the order of `old`, then rows only in `new`.
-    """
-    key_fields = tuple(key_fields)
-    old_index, new_index = _index(old, key_fields, "old"), _index(new, key_fields, "new")
-    keys = list(old_index) + [key for key in new_index if key not in old_index]
-    out = []
-    for key in keys:
-        before, after = old_index.get(key), new_index.get(key)
-        match = (
-            "both"
-            if before is not None and after is not None
-            else ("old_only" if after is None else "new_only")
-        )
-        metrics = {}
-        for metric in metric_fields:
-            a = _number(before.get(metric)) if before is not None else None
-            b = _number(after.get(metric)) if after is not None else None
-            delta = b - a if a is not None and b is not None else None
-            pct = 100.0 * delta / abs(a) if delta is not None and a != 0 else None
-            metrics[metric] = {"old": a, "new": b, "delta": delta, "pct": pct}
-        out.append({**dict(zip(key_fields, key, strict=True)), "match": match, "metrics": metrics})
-    return out

@@ -21,18 +21,15 @@ from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate, run_d
 from toroidal.training.footprint import eval_footprint
 from toroidal.training.hub import remote_code_trusted
 from toroidal.training.streaming_eval import STREAMING_METRICS
+from toroidal_cli import compare as comparing
 from toroidal_cli import dryrun, render
-from toroidal_cli.commands.train import (
-    FIELD_OF,
-    from_command_line,
-    resolve_options,
-    resolved_argv,
-    setup_error,
-)
 from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
-from toroidal_cli.options import TrustRemoteCodeOpt, check_out_path, parse_float
-from toroidal_cli.results import capture_env, compare_rows, make_record, read_result, write_result
+from toroidal_cli.options import OutOpt, check_out_path
+from toroidal_cli.resolve import from_command_line
+from toroidal_cli.results import capture_env, make_record, read_result, write_result
+from toroidal_cli.run_options import FIELD_OF, TrustRemoteCodeOpt, resolve_options, resolved_argv, setup_error
+from toroidal_cli.values import parse_float
 
 HELP = (
     "Evaluate a trained run (--checkpoint) or a model (--model): perplexity, bits per byte, "
@@ -68,63 +65,31 @@ METRIC_ORDER += STREAMING
 
 
 def comparison(this: dict, other: dict, gated: tuple[str, ...]) -> list[dict]:
-    """One row per metric both results have: values, delta, percent change, which side is better."""
+    """`compare` rows, one per metric both results have a number for, in METRIC_ORDER."""
     shared = [
         name
         for name in sorted(set(this) & set(other), key=lambda n: (METRIC_ORDER + (n,)).index(n))
         if isinstance(this[name], (int, float)) and isinstance(other[name], (int, float))
     ]
-    (row,) = compare_rows([other], [this], [], shared)
-    rows = []
-    for name in shared:
-        values = row["metrics"][name]
-        direction = DIRECTIONS.get(name)
-        if direction is None or values["delta"] is None:
-            better = None
-        elif values["delta"] == 0:
-            better = "same"
-        else:
-            better = "this" if values["delta"] * direction > 0 else "other"
-        worse_pct = -values["pct"] * direction if direction and values["pct"] is not None else None
-        rows.append(
-            {
-                "metric": name,
-                "this": values["new"],
-                "other": values["old"],
-                "delta": values["delta"],
-                "pct": values["pct"],
-                "better": better,
-                "worse_pct": worse_pct,
-                "gated": name in gated,
-            }
-        )
-    return rows
-
-
-def _better(value) -> Text:
-    styles = {"this": "bold green", "other": "bold red", "same": "dim"}
-    return Text(value or "-", style=styles.get(value, ""))
+    return comparing.compare(
+        [{"metric": name, "value": other[name]} for name in shared],
+        [{"metric": name, "value": this[name]} for name in shared],
+        ("metric",),
+        ("value",),
+        direction=lambda row, _: DIRECTIONS.get(row["metric"]),
+        gated=lambda row, _: row["metric"] in gated,
+    )
 
 
 def _number(value) -> str:
-    """Counts stay integers (compare_rows gives floats), other values compact."""
+    """Counts stay integers (`comparing.compare` gives floats), other values compact."""
     if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
         return str(int(value))
     return render.format_number(value)
 
 
-def _pct(value) -> Text:
-    return Text("-" if value is None else f"{value:+.2f}%")
-
-
-COMPARE_COLUMNS = [
-    render.Column("metric", no_wrap=True),
-    render.Column("this", "this run", format=_number, justify="right"),
-    render.Column("other", "other", format=_number, justify="right"),
-    render.Column("delta", "delta", format=_number, justify="right"),
-    render.Column("pct", "change", format=_pct, justify="right"),
-    render.Column("better", "better", format=_better),
-]
+COMPARED = [comparing.Shown("value", this="this run", this_first=True, format=_number)]
+COMPARE_KEYS = [render.Column("metric", no_wrap=True)]
 METRIC_COLUMNS = [render.Column("metric", no_wrap=True), render.Column("value", justify="right")]
 
 
@@ -210,9 +175,7 @@ def command(
             "--gate", help="Metric gated by --fail-on-regression (repeatable; default: quality metrics)."
         ),
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")
-    ] = None,
+    out: OutOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
@@ -273,19 +236,17 @@ def command(
         )
         render.console.print(Text(note, style="dim"), soft_wrap=True)
 
-    regressions = []
+    verdict = None
     if other is not None:
-        table_rows = comparison(metrics, other["metrics"], gated)
-        render.console.print(render.table(table_rows, COMPARE_COLUMNS, title=f"this run vs {compare}"))
+        compared = comparison(metrics, other["metrics"], gated)
+        title = f"this run vs {compare}"
+        render.console.print(
+            comparing.table(compared, COMPARED, COMPARE_KEYS, title=title, threshold=threshold)
+        )
         other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
         for note in _config_notes(result.config, other_config):
             render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
-        if threshold is not None:
-            regressions = [
-                r
-                for r in table_rows
-                if r["gated"] and r["worse_pct"] is not None and r["worse_pct"] > threshold
-            ]
+        verdict = comparing.gate(compared, threshold) if threshold is not None else None
     if out is not None:
         if checkpoint is not None:  # the model options come from the checkpoint
             names, extra = (
@@ -299,19 +260,20 @@ def command(
         argv = resolved_argv("eval", names + (STREAMING_OPTIONS if streaming else []), resolved, extra)
         payload = {"metrics": metrics, "mechanism": result.mechanism}
         if other is not None:
-            payload["comparison"] = {"other": str(compare), "rows": table_rows}
+            rows = [{"metric": row["metric"], **row["metrics"]["value"]} for row in compared]
+            payload["comparison"] = {"other": str(compare), "rows": rows}
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
-    if threshold is not None and not any(r["gated"] and r["worse_pct"] is not None for r in table_rows):
+    if verdict is not None and not verdict.compared:
         # A gate that compared nothing must not pass: CI would go green on a broken baseline.
         names = ", ".join(gated)
         line = f"--fail-on-regression: no gated metric ({names}) has a comparable value in {compare}"
         render.err_console.print(Text(f"toroidal eval: {line}", style="bold red"), soft_wrap=True)
         raise typer.Exit(1)
-    if regressions:
-        worst = max(regressions, key=lambda r: r["worse_pct"])
+    if verdict is not None and verdict.worst is not None:
+        worst = verdict.worst
         line = (
-            f"{worst['metric']} is {worst['worse_pct']:.2f}% worse than {compare} (threshold {threshold:g}%)"
+            f"{worst.row['metric']} is {worst.worse_pct:.2f}% worse than {compare} (threshold {threshold:g}%)"
         )
         render.err_console.print(Text(f"toroidal eval: regression: {line}", style="bold red"), soft_wrap=True)
         raise typer.Exit(1)

@@ -1,8 +1,8 @@
 """`toroidal plot`: pictures of bench results, training runs and attention patterns (a Typer sub-app).
 
 Each subcommand writes FILE.png and FILE.plot.json (the numbers drawn) next to it. Needs the
-`plot` extra (matplotlib). `toroidal bench --plot` and `toroidal train --plot` reuse
-`plot_bench_rows` and `plot_runs`.
+`plot` extra (matplotlib). The drawing is `toroidal_cli.plotting`, which `bench --plot` and
+`train --plot` use too.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from toroidal import plots
 from toroidal.training import attention_maps
 from toroidal.training.data import MAX_SEED
 from toroidal.training.errors import CheckpointError
-from toroidal_cli import dryrun, render
+from toroidal_cli import dryrun
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
-from toroidal_cli.options import check_out_path, config_path, load_config, parse_bool, parse_float, parse_int
+from toroidal_cli.plotting import check_plot_out, plot_bench_rows, plot_runs, write
+from toroidal_cli.resolve import config_path, load_config
 from toroidal_cli.results import read_result
+from toroidal_cli.values import parse_bool, parse_float, parse_int
 
 HELP = "Draw pictures: bench scaling, training curves, attention heat maps (PNG + JSON of the numbers)."
 MAX_ATTENTION_TOKENS = 2048  # N*D: the heat map and its JSON hold (N*D)^2 numbers
@@ -30,52 +32,6 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
 OutOpt = Annotated[
     Path, typer.Option("--out", "-o", help="The PNG to write; the numbers go to FILE.plot.json.")
 ]
-
-
-# --- shared with bench --plot and train --plot ---------------------------------------------------------
-
-
-def check_plot_out(out: Path, option: str = "--out") -> Path:
-    """Fail before the work: matplotlib missing, or an output path that cannot be a PNG."""
-    try:
-        plots.require_matplotlib()
-    except plots.PlotUnavailable:
-        raise UserError("plotting needs matplotlib, which is not installed", plots.INSTALL_HINT) from None
-    check_out_path(out, option)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"{option} {out} is not a .png file", f"give {option} a name ending in .png")
-    return out
-
-
-def _wrote(paths: tuple[Path, Path]) -> None:
-    render.console.print(f"wrote {paths[0]} and {paths[1]}")
-
-
-def _write(draw, *args) -> None:
-    try:
-        _wrote(draw(*args))
-    except OSError as error:
-        raise UserError(f"cannot write the plot: {error}", "check the --out path and permissions") from None
-
-
-def plot_bench_rows(rows: list[dict], out: Path) -> None:
-    if not any(row.get("status") == "ok" for row in rows):
-        raise UserError("no bench row has status ok: nothing to plot", "plot a result with successful rows")
-    _write(plots.plot_bench, rows, out)
-
-
-def plot_runs(run_dirs: list[Path], out: Path) -> None:
-    runs = {}
-    for run_dir in run_dirs:
-        if not run_dir.is_dir():
-            raise UserError(
-                f"{run_dir} is not a run folder", "pass folders written by `toroidal train --out`"
-            )
-        name = run_dir.resolve().name
-        if name in runs:
-            name = str(run_dir)
-        runs[name] = read_result(run_dir / "metrics.json", command="train")
-    _write(plots.plot_train, runs, out)
 
 
 # --- subcommands ---------------------------------------------------------------------------------------
@@ -281,7 +237,7 @@ def attention(
     if settings["checkpoint"] is None:
         picture = {key: settings[key] for key in ("seq_len", "depth", "lambda", "window", "causal")}
         picture.update(period=settings["period"], head=settings["head"], seed=settings["seed"])
-        _write(plots.plot_attention, _random_module_weights(settings), settings["depth"], out, picture)
+        write(plots.plot_attention, _random_module_weights(settings), settings["depth"], out, picture)
         return
     trained = _trained_weights(settings)
     picture = {
@@ -292,4 +248,4 @@ def attention(
         "period": trained.period,
         "tokens": len(trained.tokens),
     }
-    _write(plots.plot_attention, trained.weights, trained.depth, out, picture, trained.tokens)
+    write(plots.plot_attention, trained.weights, trained.depth, out, picture, trained.tokens)

@@ -1,7 +1,8 @@
 """`toroidal profile`: torch.profiler on one ToroidalAttention configuration; tables, trace and JSON.
 
-Takes the options of `toroidal bench` with one value each (a list is an error), `--mechanism`
-and `--option NAME=VALUE` included: another mechanism is profiled as its standalone layer.
+Takes the options of `toroidal bench` (`toroidal_cli.sweep_options`) with one value each (a list
+is an error), `--mechanism` and `--option NAME=VALUE` included: another mechanism is profiled as
+its standalone layer. The work is `toroidal.bench.profile.profile_attention`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal.bench.core import BenchCase, case_backend, sweep_options
+from toroidal.bench import BenchCase, case_backend, sweep_options
 from toroidal.bench.profile import ProfileSpec, profile_attention
 from toroidal.config import ToroidalConfig
 from toroidal.kernels import BackendUnavailable
 from toroidal_cli import dryrun, render
-from toroidal_cli.commands.bench import (
+from toroidal_cli.errors import UserError, as_user_error
+from toroidal_cli.memory_check import module_footprint, refuse_if_too_big
+from toroidal_cli.options import OutOpt, check_out_path, invocation_argv
+from toroidal_cli.results import capture_env, make_record, write_result
+from toroidal_cli.sweep_options import (
     AXES,
     DRY_RUN_PARAMS,
     BackendOpt,
@@ -39,18 +44,14 @@ from toroidal_cli.commands.bench import (
     MechanismOpt,
     ModeOpt,
     OptionOpt,
-    OutOpt,
     PeriodOpt,
     SeqLenOpt,
     ThreadsOpt,
     WarmupOpt,
     WindowOpt,
+    flags,
     read_options,
 )
-from toroidal_cli.errors import UserError, as_user_error
-from toroidal_cli.memory_check import module_footprint, refuse_if_too_big
-from toroidal_cli.options import check_out_path, invocation_argv
-from toroidal_cli.results import capture_env, make_record, write_result
 
 HELP = (
     "Profile one forward (and backward) pass of ToroidalAttention with torch.profiler.\n\n"
@@ -271,28 +272,7 @@ def command(
     check_out_path(trace, "--trace")
     if out is not None and trace is not None and out.absolute() == trace.absolute():
         raise UserError(f"--out and --trace are both {out}", "give the trace its own file name")
-    flags = {
-        "backend": backend,
-        "seq_len": seq_len,
-        "depth": depth,
-        "batch": batch,
-        "heads": heads,
-        "d_model": d_model,
-        "head_dim": head_dim,
-        "dtype": dtype,
-        "mode": mode,
-        "causal": causal,
-        "window": window,
-        "lambda": lambda_,
-        "period": period,
-        "device": device,
-        "warmup": warmup,
-        "repeats": repeats,
-        "threads": threads,
-        "mechanism": mechanism,
-        "options": option,
-    }
-    given = read_options(config, flags, default_config=None)
+    given = read_options(config, flags(ctx.params), default_config=None)
     values = single_values(given)
     spec = build_spec(values, top)
     footprint = module_footprint(_case(values))

@@ -1,16 +1,15 @@
 """`toroidal train`: train a language model with toroidal (or baseline) attention.
 
 Options come from flags and from `--config` (a YAML file or a preset in configs/train with
-the same keys in snake_case); a flag given on the command line wins over the file. The
-work is `toroidal.training.train`; this module parses, renders progress and writes
-`metrics.json` (rank 0 only under torchrun).
+the same keys in snake_case); a flag given on the command line wins over the file (parsing:
+`toroidal_cli.run_options`). The work is `toroidal.training.train`; this module parses, renders
+progress and writes `metrics.json` (rank 0 only under torchrun).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 from datetime import datetime
 from pathlib import Path
@@ -27,30 +26,27 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from toroidal.mechanisms import mechanism_names
 from toroidal.training import ProgressEvent, SetupError, TrainConfig, train
 from toroidal.training.distributed import world_size_from_env
 from toroidal.training.footprint import train_footprint
 from toroidal.training.hub import remote_code_trusted
 from toroidal.training.runs import METRICS
 from toroidal_cli import dryrun, render
-from toroidal_cli.commands import bench as bench_command
-from toroidal_cli.commands import plot as plot_command
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
-from toroidal_cli.options import (
-    TrustRemoteCodeOpt,
-    check_can_create_in,
-    config_path,
-    invocation_argv,
-    load_config,
-    parse_bool,
-    parse_float,
-    parse_int,
-    split_items,
-)
+from toroidal_cli.options import check_can_create_in, invocation_argv
+from toroidal_cli.plotting import check_plot_out, plot_runs
 from toroidal_cli.results import capture_env, make_record, write_result
+from toroidal_cli.run_options import (
+    FIELD_OF,
+    PARSERS,
+    TrustRemoteCodeOpt,
+    read_yaml_options,
+    resolve_options,
+    resolved_argv,
+    setup_error,
+)
 from toroidal_cli.signals import StopSignals
 
 HELP = (
@@ -59,163 +55,6 @@ HELP = (
     "Data: periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2, hf:NAME[:CONFIG]. "
     "Under torchrun the run is data-parallel (gloo on CPU, nccl on CUDA)."
 )
-
-# --- options shared with `toroidal eval` ---------------------------------------------------------------
-
-# Typer parameter name -> library field, where they differ (`lambda` is a Python keyword).
-FIELD_OF = {"lambda_": "lambda_distance", "mechanism_option": "mechanism_options"}
-# YAML spellings -> parameter name.
-YAML_ALIASES = {"lambda": "lambda_", "lambda_distance": "lambda_", "mechanism_options": "mechanism_option"}
-_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-def parse_count(value, where: str) -> int | None:
-    """An integer >= 1 or 'none', with an optional k/M/G suffix ('2M' = 2000000)."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGbB])\s*", value)
-        if match:
-            return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
-    return parse_int(value, where, none_ok=True)
-
-
-def parse_layers(value, where: str = "--layers") -> list[int] | None:
-    """'all' (or none) -> None; '0,2' or a YAML list -> [0, 2]."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("all", "none", "")):
-        return None
-    return [parse_int(item, where, minimum=0) for item in split_items(value)]
-
-
-def _choice(choices: tuple[str, ...]):
-    def parse(value, where: str) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise UserError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-        return text
-
-    return parse
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
-        raise UserError(f"{where}: {value!r} is not a name")
-    return str(value).strip()
-
-
-def _optional_text(value, where: str) -> str | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-        return None
-    return _text(value, where)
-
-
-def _mechanism(value, where: str) -> str:
-    name = str(value).strip().lower()
-    if name not in mechanism_names():
-        raise UserError(f"{where}: unknown mechanism {value!r}", f"choose {', '.join(mechanism_names())}")
-    return name
-
-
-def _mechanism_options(value, where: str) -> dict:
-    """`--mechanism-option NAME=VALUE` flags or a YAML mapping: one value per option."""
-    options = bench_command.parse_mechanism_options(value, where)
-    several = [name for name, values in options.items() if len(values) != 1]
-    if several:
-        raise UserError(f"{where}: option {several[0]!r} has several values", "give one value per option")
-    return {name: values[0] for name, values in options.items()}
-
-
-PARSERS = {
-    "model": _text,
-    "attention": _choice(("toroidal", "baseline")),
-    "mechanism": _mechanism,
-    "mechanism_option": _mechanism_options,
-    "adaptive_depth": parse_bool,
-    "min_depth": lambda v, w: parse_int(v, w, none_ok=True),
-    "depth": lambda v, w: parse_int(v, w),
-    "lambda_": lambda v, w: parse_float(v, w),
-    "period": lambda v, w: parse_int(v, w, none_ok=True),
-    "window": lambda v, w: parse_int(v, w, minimum=0, none_ok=True),
-    "fusion": _choice(("low_rank", "attention", "mean", "concat")),
-    "fusion_rank": lambda v, w: parse_int(v, w, none_ok=True),
-    "backend": _text,
-    "layers": parse_layers,
-    "freeze_base": parse_bool,
-    "grad_checkpointing": parse_bool,
-    "dataset": _text,
-    "data_period": lambda v, w: parse_int(v, w),
-    "data_vocab": lambda v, w: parse_int(v, w, minimum=2),
-    "passkey_digits": lambda v, w: parse_int(v, w),
-    "tokenizer": _text,
-    "seq_len": lambda v, w: parse_int(v, w),
-    "batch_size": lambda v, w: parse_int(v, w),
-    "steps": parse_count,
-    "tokens": parse_count,
-    "lr": lambda v, w: parse_float(v, w),
-    "min_lr_ratio": lambda v, w: parse_float(v, w),
-    "warmup_steps": lambda v, w: parse_int(v, w, minimum=0),
-    "weight_decay": lambda v, w: parse_float(v, w),
-    "grad_accum": lambda v, w: parse_int(v, w),
-    "clip": lambda v, w: parse_float(v, w),
-    "precision": _choice(("fp32", "bf16", "fp16")),
-    "seed": lambda v, w: parse_int(v, w, minimum=0),
-    "eval_every": lambda v, w: parse_int(v, w, minimum=0),
-    "eval_batches": lambda v, w: parse_int(v, w),
-    "save_every": lambda v, w: parse_int(v, w, minimum=0),
-    "log": lambda v, w: (
-        None if _optional_text(v, w) is None else _choice(("csv", "tensorboard", "wandb"))(v, w)
-    ),
-    "device": _text,
-    "max_batches": lambda v, w: parse_int(v, w, none_ok=True),
-}
-
-
-def from_command_line(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return getattr(source, "name", None) == "COMMANDLINE"  # duck-typed: typer may vendor click
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.rstrip("_").replace("_", "-")
-
-
-def resolve_options(ctx: typer.Context, names: list[str], file_values: dict, where: str = "") -> dict:
-    """Library fields from flags over `file_values` over defaults, each parsed and checked."""
-    values = {}
-    for name in names:
-        given_in_file = name in file_values and not from_command_line(ctx, name)
-        raw = file_values[name] if given_in_file else ctx.params[name]
-        label = f"{where}: {name.rstrip('_')}" if given_in_file and where else flag_name(name)
-        # A YAML null is parsed too: 'none' where the option allows it, a one-line error where not.
-        parsed = raw is not None or given_in_file
-        values[FIELD_OF.get(name, name)] = PARSERS[name](raw, label) if parsed else None
-    return values
-
-
-def read_yaml_options(spec: str, names: list[str], extra: tuple[str, ...] = ()) -> tuple[dict, Path]:
-    path = config_path(spec, "train")
-    known = tuple(name.rstrip("_") for name in names) + tuple(YAML_ALIASES) + extra
-    data = load_config(path, tuple(dict.fromkeys(known)))
-    return {YAML_ALIASES.get(key, key): value for key, value in data.items()}, path
-
-
-def resolved_argv(command: str, names: list[str], values: dict, extra: list[str]) -> list[str]:
-    """A command line that reproduces the run from resolved values (no --config: it is folded in)."""
-    argv = ["toroidal", command]
-    for name in names:
-        value = values[FIELD_OF.get(name, name)]
-        if isinstance(value, bool):
-            argv += [flag_name(name)] if value else []
-        elif isinstance(value, dict):
-            argv += [part for key, item in value.items() for part in (flag_name(name), f"{key}={item}")]
-        elif isinstance(value, list):
-            argv += [flag_name(name), ",".join(map(str, value))]
-        else:
-            argv += [flag_name(name), "none" if value is None else str(value)]
-    return argv + extra
-
-
-def setup_error(error: SetupError) -> UserError:
-    return UserError(error.message, error.fix)
-
 
 # --- progress ----------------------------------------------------------------------------------------
 
@@ -413,7 +252,7 @@ def command(
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     if plot is not None:
-        plot_command.check_plot_out(plot, "--plot")
+        check_plot_out(plot, "--plot")
     file_values, file_path = (
         ({}, None) if config is None else read_yaml_options(config, OPTION_NAMES, ("out",))
     )
@@ -472,7 +311,7 @@ def command(
         render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
         raise typer.Exit(stop.exit_code)
     if plot is not None:
-        plot_command.plot_runs([out], plot)
+        plot_runs([out], plot)
 
 
 def _run_folder(out: Path | None, resume: bool) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +12,14 @@ from toroidal.mechanisms import mechanism_names
 from toroidal.validate import CheckResult, run_check, summarize, validation_suite
 from toroidal_cli import dryrun, render
 from toroidal_cli.errors import UserError
-from toroidal_cli.options import check_out_path, dtype_name, invocation_argv, parse_device, parse_dtype
+from toroidal_cli.options import (
+    OutOpt,
+    check_out_path,
+    dtype_name,
+    invocation_argv,
+    parse_device,
+    parse_dtype,
+)
 from toroidal_cli.results import capture_env, make_record, write_result
 
 HELP = (
@@ -37,7 +43,11 @@ def command(
     ctx: typer.Context,
     device: Annotated[str, typer.Option(help="Device to check on: cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[
-        str, typer.Option(help="dtype of the backend checks: fp32, fp16 or bf16 (properties use fp32).")
+        str,
+        typer.Option(
+            help="dtype of the backend checks: fp32, fp16, bf16 or fp64 (properties use fp32; fp64 adds "
+            "exact float64 shift invariance and gradcheck of every backend that takes float64)."
+        ),
     ] = "fp32",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer backend cases (3 instead of 9).")] = False,
     backend: Annotated[
@@ -47,9 +57,7 @@ def command(
     mechanism: Annotated[
         str, typer.Option("--mechanism", "-m", help="Mechanism to check: toroidal (default), standard, ...")
     ] = "toroidal",
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Also write the result JSON to this file.")
-    ] = None,
+    out: OutOpt = None,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)

@@ -1,0 +1,60 @@
+"""Pictures written by commands: the checks before the work, and bench rows and run folders drawn.
+
+Used by `toroidal plot` and by the `--plot` option of `bench` and `train`. Each picture is FILE.png
+plus FILE.plot.json (the numbers drawn); drawing needs the `plot` extra (matplotlib).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toroidal import plots
+from toroidal_cli import render
+from toroidal_cli.errors import UserError
+from toroidal_cli.options import check_out_path
+from toroidal_cli.results import read_result
+
+
+def check_plot_out(out: Path, option: str = "--out") -> Path:
+    """Fail before the work: matplotlib missing, or an output path that cannot be a PNG."""
+    try:
+        plots.require_matplotlib()
+    except plots.PlotUnavailable:
+        raise UserError("plotting needs matplotlib, which is not installed", plots.INSTALL_HINT) from None
+    check_out_path(out, option)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{option} {out} is not a .png file", f"give {option} a name ending in .png")
+    return out
+
+
+def write(draw, *args) -> None:
+    """Call a `toroidal.plots` function that writes the PNG and its JSON; say where they went."""
+    try:
+        png, numbers = draw(*args)
+    except OSError as error:
+        raise UserError(f"cannot write the plot: {error}", "check the --out path and permissions") from None
+    render.console.print(f"wrote {png} and {numbers}")
+
+
+def plot_bench_rows(rows: list[dict], out: Path) -> None:
+    if not any(row.get("status") == "ok" for row in rows):
+        raise UserError("no bench row has status ok: nothing to plot", "plot a result with successful rows")
+    write(plots.plot_bench, rows, out)
+
+
+def read_run(run_dir: Path) -> dict:
+    """The metrics record of a `toroidal train` run folder."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder", "pass folders written by `toroidal train --out`")
+    return read_result(run_dir / "metrics.json", command="train")
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> None:
+    runs = {}
+    for run_dir in run_dirs:
+        record = read_run(run_dir)
+        name = run_dir.resolve().name
+        if name in runs:
+            name = str(run_dir)
+        runs[name] = record
+    write(plots.plot_train, runs, out)
