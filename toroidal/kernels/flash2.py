@@ -1,163 +1,351 @@
-"""`flash2`: flash-attn 2 for the calls the torus shares with ordinary attention.
+"""`flash2`: exact toroidal attention composed from flash-attn 2 calls, forward and backward.
 
-flash-attn adds no score bias and its masks are bands over token indices: query row r
-sees key columns [r + Sk - Sq - left, r + Sk - Sq + right] (bottom-right aligned). So it
-serves lambda = 0, no key padding, and a window only where it does not wrap around the ring.
+Query platters become heads (query head h*D + k reads key head h: flash-attn's grouped
+queries), and each call reads one key platter l, so the platter term -lambda*|k - l|/D is a
+constant per (call, head). The positions are cut into the bands of m = i - j on which the
+ring distance is linear (`TorusGeometry.linear_segments`): ring = slope*m + offset. On a band
+[lo, hi] flash-attn's ALiBi gives the ring term exactly, once its kink sits at an end of the
+band:
 
-The torus masks by position: platter-token (i, k) sees every platter of the positions its
-rule allows, a block band over platter-tokens that no single flash band equals when
-depth > 1. We therefore work at position level: query platters become extra heads (GQA
-over the key heads), each key platter is one flash call (batched), and the D partial
-results are merged with their log-sum-exp. flash-attn's backward ignores the gradient
-of its log-sum-exp, so that merged path is inference-only. Depth 1, and calls with no
-mask at all, are a single differentiable flash call.
+- flash-attn's bias is -a*|t| with t = r + Sk - Sq - c: the row's "diagonal" column is pinned
+  bottom-right, so with query rows i in [A, B) and key positions j in [C, E), t = m + (E - B).
+- Not flipped: E = B - lo puts the kink at m = lo; the band is 0 <= t <= hi - lo, window_size
+  = (hi - lo, 0), and -a*t = -a*(m - lo) is the ring term -lambda*ring/P up to a constant with
+  a = lambda*slope/P (negative on a far band, where the ring distance falls as m grows).
+  Every key of the band must exist: rows i < Nk + lo, which holds for every band with
+  lo >= 0 whenever no query lies past the last key.
+- Flipped (rows and keys reversed, so the diagonal is pinned top-left instead): C = A - hi
+  puts the kink at m = hi, t = hi - m, the same window (hi - lo, 0) and a = -lambda*slope/P.
+  It needs rows i >= hi: every band with hi < 0 (keys after the query, bidirectional calls),
+  and the rows past Nk + lo of the others.
+- The band's constant -lambda*ring(kink)/P and the platter term are added to each call's
+  log-sum-exp; all calls merge by log-sum-exp in float32.
+
+With lambda = 0 there is no kink: adjacent bands join into intervals of m, one window each.
+Backward: each call runs flash-attn's own backward with the merged output and the merged
+log-sum-exp minus that call's offset, which gives exactly its share of dq, dk and dv (the
+ring-flash-attention identity), accumulated in float32.
+
+Not served: key padding (flash-attn can only drop keys at the ends of a call, and the band's
+alignment pins those), attention weights, queries past the last key whose band kink no call
+can place, and more than `_MAX_BANDS` bands (a period much shorter than the sequence).
+The flash-attn calls go through an adapter (`flash_adapter`); `TorchFlashAdapter` runs the
+same composition on any device and dtype for tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from toroidal.geometry import TorusGeometry
 from toroidal.kernels.base import Backend, BackendUnavailable, register
+from toroidal.kernels.flash_adapter import FlashAttnAdapter, TorchFlashAdapter
 
-try:
-    from flash_attn import flash_attn_func as _flash_attn_func
-except ModuleNotFoundError:
-    _flash_attn_func = None
-    _IMPORT_ERROR = "flash-attn is not installed (pip install 'toroidal[gpu]')"
-except ImportError as exc:  # installed but built for another torch / CUDA
-    _flash_attn_func = None
-    _IMPORT_ERROR = f"flash-attn is installed but failed to import ({exc})"
-else:
-    _IMPORT_ERROR = None
+__all__ = ["FlashCall", "Flash2Backend", "TorchFlashAdapter", "plan_calls", "torus_flash_attention"]
+
+_MAX_BANDS = 64  # bands of the ring; each is D flash calls
 
 
-def _effective_window(geometry) -> int | None:
-    """The window, or None where it allows every pair (a ring distance never exceeds P // 2)."""
-    window = geometry.window
-    return None if window is None or window >= geometry.period // 2 else window
+@dataclass(frozen=True)
+class FlashCall:
+    """One flash-attn call (per key platter): query positions [rows), key positions [keys)."""
+
+    rows: tuple[int, int]
+    keys: tuple[int, int]
+    flipped: bool  # rows and keys reversed: flash's diagonal pinned at the first row and key
+    window: tuple[int, int]  # flash's window_size in the call's own (possibly flipped) order
+    slope: float  # ALiBi slope for every head (0.0: none)
+    offset: float  # -lambda * ring(kink) / P, added to the call's log-sum-exp
 
 
-def _is_masked(geometry) -> bool:
-    return geometry.causal or _effective_window(geometry) is not None
+def _call(rows, keys, flipped, window, slope, offset) -> FlashCall | None:
+    """A call with its window written the way flash-attn runs fastest (-1 where nothing is cut), or
+    None where flash-attn would misread it: it takes a size >= Sk as unbounded, which for the right
+    size holds only once right >= Sq - 1."""
+    n_rows, n_keys = rows[1] - rows[0], keys[1] - keys[0]
+    left, right = window
+    left = -1 if left >= n_keys - 1 else left  # every row already reaches key 0
+    right = -1 if right >= n_rows - 1 else right  # every row already reaches the last key
+    if right >= n_keys:
+        return None
+    return FlashCall(rows, keys, flipped, (left, right), slope, offset)
+
+
+def _intervals(segments):
+    """Adjacent bands joined: (lo, hi) intervals of m (lambda = 0 needs no kink)."""
+    joined: list[list[int]] = []
+    for seg in segments:
+        if joined and joined[-1][1] + 1 == seg.lo:
+            joined[-1][1] = seg.hi
+        else:
+            joined.append([seg.lo, seg.hi])
+    return [tuple(pair) for pair in joined]
+
+
+def _unbiased_calls(intervals, first: int, last: int, n_keys: int):
+    """lambda = 0: one call per interval [lo, hi] of m, its window the interval (t = m + shift)."""
+    for lo, hi in intervals:
+        start, stop = max(first, lo), min(last, n_keys + hi)  # rows with a key in [lo, hi]
+        if start < stop:
+            end = min(n_keys, stop - lo)
+            shift = end - stop
+            yield _call((start, stop), (max(0, start - hi), end), False, (hi + shift, -shift - lo), 0.0, 0.0)
+
+
+def _band_calls(segments, first: int, last: int, n_keys: int, lam: float, period: int):
+    """lambda != 0: per band, calls with flash's ALiBi kink at the band's end m = lo (or m = hi, flipped)."""
+    for seg in segments:
+        lo, hi = seg.lo, seg.hi
+        start, stop = max(first, lo), min(last, n_keys + hi)  # rows with a key in [lo, hi]
+        if start >= stop:
+            continue
+        ring_slope = lam * seg.slope / period
+        split = min(stop, n_keys + lo) if lo >= 0 else start  # rows [start, split): kink at m = lo
+        if split > start:
+            offset = -lam * (seg.slope * lo + seg.offset) / period
+            keys = (max(0, start - hi), split - lo)
+            yield _call((start, split), keys, False, (hi - lo, 0), ring_slope, offset)
+        if split < stop:  # rows [split, stop): kink at m = hi, which needs rows >= hi
+            offset = -lam * (seg.slope * hi + seg.offset) / period
+            keys = (split - hi, min(n_keys, stop - lo))
+            yield _call((split, stop), keys, True, (hi - lo, 0), -ring_slope, offset) if split >= hi else None
+
+
+def plan_calls(
+    geometry: TorusGeometry, n_queries: int, n_keys: int, max_bands: int | None = _MAX_BANDS
+) -> list[FlashCall] | str:
+    """The flash calls (each one per key platter) computing `geometry` exactly, or why there are none.
+
+    Queries at positions before n_keys always have a plan; queries past the last key may not.
+    """
+    first, last = geometry.q_offset, geometry.q_offset + n_queries
+    unbiased = geometry.lambda_distance == 0
+    if unbiased and not _cuts_the_ring(geometry):  # one interval of m: every pair, or the causal half
+        lo = max(0, first - n_keys + 1) if geometry.causal else first - n_keys + 1
+        pieces = [(lo, last - 1)] if lo <= last - 1 else []
+    else:
+        limit = 2 * (n_queries + n_keys) + 4 if unbiased or max_bands is None else max_bands
+        segments = geometry.linear_segments(n_queries, n_keys, limit)
+        pieces = _intervals(segments) if unbiased else segments
+    if pieces is None or (max_bands is not None and len(pieces) > max_bands):
+        return (
+            f"flash2 would need more than {max_bands} bands of the ring (period {geometry.period} "
+            f"much shorter than {n_keys} keys); use flex or sdpa"
+        )
+    if unbiased:
+        calls = list(_unbiased_calls(pieces, first, last, n_keys))
+    else:
+        calls = list(_band_calls(pieces, first, last, n_keys, geometry.lambda_distance, geometry.period))
+    if None in calls:
+        return (
+            f"flash2 cannot align its bands for queries past the last key (q_offset {geometry.q_offset} "
+            f"+ {n_queries} queries > {n_keys} keys); use flex or sdpa"
+        )
+    return calls
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Layout:
+    """Platter-token tensors (B, H, N*D, w) <-> flash layout: queries (B, N, H*D, w), keys per platter."""
+
+    def __init__(self, q, k, fold: int):
+        self.batch, self.heads, length, self.width = q.shape
+        self.fold = fold
+        self.n_queries, self.n_keys = length // fold, k.shape[-2] // fold
+
+    def queries(self, x):  # (B, H, Nq*D, w) -> (B, Nq, H*D, w); head h*D + k is platter k of head h
+        b, h, n, d, w = self.batch, self.heads, self.n_queries, self.fold, self.width
+        return x.reshape(b, h, n, d, w).permute(0, 2, 1, 3, 4).reshape(b, n, h * d, w)
+
+    def from_queries(self, x):  # inverse of `queries`
+        b, h, n, d, w = self.batch, self.heads, self.n_queries, self.fold, self.width
+        return x.reshape(b, n, h, d, w).permute(0, 2, 1, 3, 4).reshape(b, h, n * d, w)
+
+    def key_platters(self, x):  # (B, H, Nk*D, w) -> (D, B, Nk, H, w): [l] holds key platter l
+        b, h, n, d, w = self.batch, self.heads, self.n_keys, self.fold, self.width
+        return x.reshape(b, h, n, d, w).permute(3, 0, 2, 1, 4).contiguous()
+
+    def from_key_platters(self, x):  # inverse of `key_platters`
+        b, h, n, d, w = self.batch, self.heads, self.n_keys, self.fold, self.width
+        return x.permute(1, 3, 2, 0, 4).reshape(b, h, n * d, w)
+
+
+def _flip(x, dim, flipped):
+    return x.flip(dim) if flipped else x
+
+
+def _merge_into(acc, run, out, lse):
+    """acc/run (the merged output and log-sum-exp of some rows) absorb one call's (out, lse), in place."""
+    new = torch.logaddexp(run, lse)
+    empty = torch.isneginf(new)
+    keep = torch.where(empty, 0.0, torch.exp(run - new))
+    add = torch.where(empty, 0.0, torch.exp(lse - new))
+    acc.mul_(keep.transpose(1, 2).unsqueeze(-1)).add_(add.transpose(1, 2).unsqueeze(-1) * out.to(acc.dtype))
+    run.copy_(new)
+
+
+@dataclass(frozen=True)
+class _Composition:
+    """Everything but the tensors: the calls, the platter fold, the offsets' ingredients, the adapter."""
+
+    calls: tuple[FlashCall, ...]
+    fold: int  # D: query platters as heads, one key platter per call (1: plain platter-tokens)
+    q_offset: int  # position of query row 0
+    lam: float
+    scale: float
+    adapter: object
+
+    def pieces(self, heads: int, device, dtype):
+        """(call, key platter, query rows, ALiBi slopes or None, lse offset (Hq, 1)) of every flash call."""
+        platter = torch.arange(heads, device=device) % self.fold
+        for call in self.calls:
+            rows = slice(call.rows[0] - self.q_offset, call.rows[1] - self.q_offset)
+            slopes = None
+            if call.slope != 0.0:
+                slopes = torch.full(
+                    (heads,), call.slope, dtype=dtype, device=device
+                )  # float32 for flash-attn
+            for l in range(self.fold):
+                offset = call.offset - self.lam * (platter - l).abs().to(dtype) / self.fold
+                yield call, l, rows, slopes, offset[:, None]
+
+    def options(self, call, slopes) -> dict:
+        return dict(causal=False, window_size=call.window, alibi_slopes=slopes, softmax_scale=self.scale)
+
+
+class _TorusFlash(torch.autograd.Function):
+    """The composed forward, and its backward: each call's own flash backward given the merged out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Composition):
+        layout = _Layout(q, k, plan.fold)
+        dtype = _compute_dtype(q.dtype)
+        qf = layout.queries(q)
+        batch, n_queries, heads, width = qf.shape
+        acc = torch.zeros(batch, n_queries, heads, width, dtype=dtype, device=q.device)
+        run = torch.full((batch, heads, n_queries), float("-inf"), dtype=dtype, device=q.device)
+        kp, vp = layout.key_platters(k), layout.key_platters(v)
+        for call, l, rows, slopes, offset in plan.pieces(heads, q.device, dtype):
+            keys = slice(*call.keys)
+            qs = _flip(qf[:, rows], 1, call.flipped)
+            ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
+            out, lse = plan.adapter.forward(qs, ks, vs, **plan.options(call, slopes))
+            out, lse = _flip(out, 1, call.flipped), _flip(lse, -1, call.flipped).to(dtype)
+            # flash-attn's +inf (a row with no key in this call) carries no mass.
+            lse = torch.where(torch.isfinite(lse), lse + offset, float("-inf"))
+            _merge_into(acc[:, rows], run[:, :, rows], out, lse)
+        out = acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, run)
+        ctx.plan = plan
+        return layout.from_queries(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, run = ctx.saved_tensors
+        plan = ctx.plan
+        layout = _Layout(q, k, plan.fold)
+        dtype = run.dtype
+        qf, dout = layout.queries(q), layout.queries(grad.to(q.dtype))
+        # A row with no key anywhere has lse -inf: +inf makes each of its probabilities 0.
+        lse_all = torch.where(torch.isneginf(run), float("inf"), run)
+        kp, vp = layout.key_platters(k), layout.key_platters(v)
+        dq = torch.zeros(qf.shape, dtype=dtype, device=q.device)
+        dk = torch.zeros(kp.shape, dtype=dtype, device=q.device)
+        dv = torch.zeros_like(dk)
+        for call, l, rows, slopes, offset in plan.pieces(qf.shape[2], q.device, dtype):
+            keys = slice(*call.keys)
+            qs, outs, douts = (_flip(t[:, rows], 1, call.flipped) for t in (qf, out, dout))
+            ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
+            lse = _flip(lse_all[:, :, rows] - offset, -1, call.flipped)
+            dq_c, dk_c, dv_c = plan.adapter.backward(
+                douts, qs, ks, vs, outs, lse, **plan.options(call, slopes)
+            )
+            dq[:, rows] += _flip(dq_c, 1, call.flipped).to(dtype)
+            dk[l, :, keys] += _flip(dk_c, 1, call.flipped).to(dtype)
+            dv[l, :, keys] += _flip(dv_c, 1, call.flipped).to(dtype)
+        dq = layout.from_queries(dq).to(q.dtype)
+        dk, dv = layout.from_key_platters(dk).to(k.dtype), layout.from_key_platters(dv).to(v.dtype)
+        return dq, dk, dv, None
+
+
+def _cuts_the_ring(geometry: TorusGeometry) -> bool:
+    """Whether the window removes anything (a ring distance never exceeds P // 2)."""
+    return geometry.window is not None and geometry.window < geometry.period // 2
+
+
+def _is_masked(geometry: TorusGeometry) -> bool:
+    return geometry.causal or _cuts_the_ring(geometry)
+
+
+def _folded(geometry: TorusGeometry, n_key_tokens: int) -> tuple[int, TorusGeometry]:
+    """(fold, geometry of the folded positions); lambda = 0, no mask: plain attention on platter-tokens."""
+    if geometry.lambda_distance == 0 and not _is_masked(geometry):
+        return 1, TorusGeometry(1, max(1, n_key_tokens), 0.0, False)
+    return geometry.depth, geometry
+
+
+def planned_calls(geometry: TorusGeometry, n_queries: int, n_keys: int, max_bands=_MAX_BANDS):
+    """(fold, q_offset, the calls or why there are none) for n_queries x n_keys positions."""
+    fold, folded = _folded(geometry, n_keys * geometry.depth)
+    tokens = geometry.depth // fold  # platter-tokens per position of the folded call
+    return fold, folded.q_offset, plan_calls(folded, n_queries * tokens, n_keys * tokens, max_bands)
+
+
+def torus_flash_attention(q, k, v, geometry: TorusGeometry, scale: float, adapter, max_bands=_MAX_BANDS):
+    """Toroidal attention of platter-tokens q (B, H, Nq*D, w), k, v (B, H, Nk*D, w) composed of flash calls.
+
+    Differentiable in q, k and v (no double backward). `adapter`: `FlashAttnAdapter` or
+    `TorchFlashAdapter`. Raises `BackendUnavailable` where no plan exists (see `plan_calls`).
+    """
+    depth = geometry.depth
+    fold, q_offset, calls = planned_calls(geometry, q.shape[-2] // depth, k.shape[-2] // depth, max_bands)
+    if isinstance(calls, str):
+        raise BackendUnavailable(f"backend 'flash2' unavailable: {calls}")
+    plan = _Composition(tuple(calls), fold, q_offset, geometry.lambda_distance, scale, adapter)
+    return _TorusFlash.apply(q, k, v, plan)
 
 
 def unsupported_call(request) -> str | None:
-    """The first condition of this call flash-attn cannot express, independent of the install."""
-    geometry = request.geometry
-    if request.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash2 needs fp16/bf16 (got {str(request.dtype).removeprefix('torch.')})"
+    """The first condition of this call the composition cannot serve, whatever runs the flash calls."""
     if request.need_weights:
         return "flash2 cannot return attention weights; use backend='reference'"
-    if geometry.lambda_distance != 0:
-        return "flash2 needs lambda_distance == 0 (flash-attn has no score bias)"
     if request.has_padding:
-        return "flash2 takes no key padding mask; use flex or sdpa"
-    window = _effective_window(geometry)
-    if window is not None and geometry.wraps(request.n_queries, request.n_keys):
         return (
-            f"flash2 cannot express a circular window that wraps around the ring "
-            f"(window={window}, period={geometry.period}); use flex or sdpa"
+            "flash2 takes no key padding mask (flash-attn calls can only drop keys at a band's "
+            "pinned ends); use flex or sdpa"
         )
-    if window is not None and request.n_keys + window < geometry.q_offset + request.n_queries:
-        return "flash2 cannot express queries whose whole window lies past the last key"
-    if geometry.depth > 1 and _is_masked(geometry) and request.requires_grad:
-        return (
-            "flash2 with depth > 1 and a causal/window mask is inference-only (per-platter results are "
-            "merged by log-sum-exp, which flash-attn's backward ignores); use flex or sdpa for training"
-        )
-    return None
-
-
-def _band(geometry, n_queries: int, n_keys: int):
-    """Key positions [k0, k1) any query can see, and flash's (causal, window_size) over that slice.
-
-    Query row r is position i = q_offset + r; it may see key j with lo(i) <= j <= hi(i), where
-    hi = i (causal) or i + w (window), lo = i - w (window). Slicing off keys no query sees
-    makes both flash window sizes non-negative (a negative size would mean "unbounded").
-    """
-    offset, window = geometry.q_offset, _effective_window(geometry)
-    reach = 0 if geometry.causal else window  # how far past its own position a query sees
-    k0 = 0 if window is None else max(0, offset - window)
-    k1 = n_keys if reach is None else min(n_keys, offset + n_queries + reach)
-    shift = (k1 - k0) - n_queries  # flash's bottom-right alignment
-    right = -1 if reach is None else offset - k0 + reach - shift
-    left = -1 if window is None else shift - offset + k0 + window
-    if right == 0:
-        return k0, k1, True, (left, -1)  # flash's own causal mask: the fast path
-    return k0, k1, False, (left, right)
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Combine partial attention over disjoint key sets: out (D, B, S, H, w), lse (D, B, H, S)."""
-    # flash reports +inf (or -inf) for a row with no key; such a part carries no mass.
-    lse = torch.where(torch.isfinite(lse), lse, float("-inf"))
-    total = torch.logsumexp(lse, dim=0, keepdim=True)
-    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    weight = torch.exp(lse - total).transpose(-1, -2).unsqueeze(-1)  # (D, B, S, H, 1)
-    return (weight * out.float()).sum(dim=0)
+    _, _, calls = planned_calls(request.geometry, request.n_queries, request.n_keys)
+    return calls if isinstance(calls, str) else None
 
 
 class Flash2Backend(Backend):
     name = "flash2"
-    description = "flash-attn 2 (CUDA, fp16/bf16, lambda = 0, no padding, non-wrapping window)"
+    description = "flash-attn 2 calls per ring band and key platter, merged by log-sum-exp (CUDA, fp16/bf16)"
+
+    def __init__(self) -> None:
+        # Tests set `TorchFlashAdapter()` here: the same composition in plain PyTorch, any device and dtype.
+        self.adapter = FlashAttnAdapter()
 
     def unavailable_reason(self, request):
-        if _flash_attn_func is None:
-            return _IMPORT_ERROR
-        if request.device_type != "cuda":
-            return f"flash2 needs CUDA (got {request.device_type})"
-        major, minor = torch.cuda.get_device_capability()
-        if major < 8:
-            return f"flash-attn 2 needs an Ampere or newer GPU (sm80+), found sm{major}{minor}"
-        return unsupported_call(request)
+        return self.adapter.unavailable_reason(request) or unsupported_call(request)
 
     def forward(self, q, k, v, geometry, key_padding, scale, need_weights):
-        if not _is_masked(geometry):
-            # Every platter-token sees every key: one plain flash call over platter-tokens.
-            out = _flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale
-            )
-            return out.transpose(1, 2), None
-        return self._positional(q, k, v, geometry, scale), None
-
-    def _positional(self, q, k, v, geometry, scale):
-        """Causal / window attention at position level, platters folded into heads."""
-        b, h, lq, w = q.shape
-        d = geometry.depth
-        nq, nk = lq // d, k.shape[-2] // d
-        k0, k1, causal, window_size = _band(geometry, nq, nk)
-        # Query (i, k) of head h -> row i, head h*D + k: flash's GQA maps it to key head h.
-        qh = q.reshape(b, h, nq, d, w).permute(0, 2, 1, 3, 4).reshape(b, nq, h * d, w)
-
-        def per_key_platter(x):  # (B, H, Nk*D, w) -> (D*B, k1-k0, H, w): key platter l as batch
-            return x.reshape(b, h, nk, d, w)[:, :, k0:k1].permute(3, 0, 2, 1, 4).reshape(d * b, k1 - k0, h, w)
-
-        if d == 1:
-            out = _flash_attn_func(
-                qh,
-                per_key_platter(k),
-                per_key_platter(v),
-                softmax_scale=scale,
-                causal=causal,
-                window_size=window_size,
-            )
-        else:
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-                raise BackendUnavailable(
-                    "backend 'flash2' unavailable: depth > 1 with a causal/window mask is inference-only"
-                )
-            out, lse, _ = _flash_attn_func(
-                qh.repeat(d, 1, 1, 1),
-                per_key_platter(k),
-                per_key_platter(v),
-                softmax_scale=scale,
-                causal=causal,
-                window_size=window_size,
-                return_attn_probs=True,
-            )
-            out = _merge(out.reshape(d, b, nq, h * d, w), lse.reshape(d, b, h * d, nq)).to(q.dtype)
-        # (B, Nq, H*D, w) -> (B, H, Nq*D, w), position-major platter-tokens again.
-        return out.reshape(b, nq, h, d, w).permute(0, 2, 1, 3, 4).reshape(b, h, lq, w)
+        reason = None
+        if key_padding is not None:
+            reason = "flash2 takes no key padding mask"
+        elif need_weights:
+            reason = "flash2 cannot return attention weights"
+        elif isinstance(self.adapter, FlashAttnAdapter):
+            reason = self.adapter.head_dim_reason(q.shape[-1])  # the request does not carry the width
+        if reason is not None:
+            raise BackendUnavailable(f"backend 'flash2' unavailable: {reason}")
+        return torus_flash_attention(q, k, v, geometry, scale, self.adapter), None
 
 
 register(Flash2Backend())
