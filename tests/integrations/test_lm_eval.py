@@ -24,7 +24,7 @@ from toroidal.longcontext import ModelSpec  # noqa: E402
 from toroidal.training import TrainConfig, train  # noqa: E402
 from toroidal.training.tokenization import BpeTokenizer, ByteTokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "A ring of positions wraps around; platters see the seam. Ünïcode too: ∮ ring.\n"
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

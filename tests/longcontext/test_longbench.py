@@ -33,7 +33,7 @@ from toroidal.training.tokenization import ByteTokenizer  # noqa: E402
 from toroidal_cli.app import app  # noqa: E402
 from toroidal_cli.results import read_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -28,7 +28,7 @@ from toroidal_cli.signals import StopSignals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MICRO = dict(model="micro", seq_len=16, batch_size=4, eval_batches=2, warmup_steps=2, lr=0.01, device="cpu")
 WAIT_S = 240  # generous: a loaded machine may take long to import torch; never a timing assertion
 

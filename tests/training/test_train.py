@@ -26,7 +26,7 @@ from toroidal.training.tokenization import ByteTokenizer
 from toroidal_cli.app import app
 from toroidal_cli.results import read_result
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 # Small and fast: every run below takes a second or two.
 MICRO = dict(model="micro", seq_len=16, batch_size=4, eval_batches=2, warmup_steps=2, lr=0.01)
