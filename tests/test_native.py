@@ -86,8 +86,8 @@ def test_auto_takes_native_for_inference_and_sdpa_for_small_training():
 
 def test_calls_native_cannot_serve_say_why():
     q = torch.randn(1, 1, 8, 4)
-    with pytest.raises(BackendUnavailable, match="native needs float32"):
-        toroidal_attention(q.double(), q.double(), q.double(), depth=2, backend="native")
+    with pytest.raises(BackendUnavailable, match="native needs float32 or float64"):
+        toroidal_attention(q.half(), q.half(), q.half(), depth=2, backend="native")
     with pytest.raises(BackendUnavailable, match="native does not materialize weights"):
         toroidal_attention(q, q, q, depth=2, backend="native", return_weights=True)
     huge = dataclasses.replace(plan_call(q, q, q, depth=2).request, n_keys=2**24 + 1)

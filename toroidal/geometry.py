@@ -96,11 +96,15 @@ class TorusGeometry:
     def has_mask(self) -> bool:
         return self.causal or self.window is not None
 
-    def block(self, q_start: int, q_stop: int, k_start: int, k_stop: int, device=None):
-        """Materialized (bias float32, allowed bool) of shape (q_stop-q_start, k_stop-k_start)."""
-        q_idx = torch.arange(q_start, q_stop, device=device).unsqueeze(1)
-        kv_idx = torch.arange(k_start, k_stop, device=device).unsqueeze(0)
-        bias = self.bias(q_idx, kv_idx).to(torch.float32)
+    def block(self, q_start: int, q_stop: int, k_start: int, k_stop: int, device=None, dtype=torch.float32):
+        """Materialized (bias, allowed bool) of shape (q_stop-q_start, k_stop-k_start).
+
+        The bias is float32, or float64 computed in float64 (float64 indices are exact to 2**53).
+        """
+        index_dtype = torch.float64 if dtype == torch.float64 else torch.int64
+        q_idx = torch.arange(q_start, q_stop, device=device, dtype=index_dtype).unsqueeze(1)
+        kv_idx = torch.arange(k_start, k_stop, device=device, dtype=index_dtype).unsqueeze(0)
+        bias = self.bias(q_idx, kv_idx).to(dtype)
         allowed = self.allowed(q_idx, kv_idx)
         return bias, allowed.expand(bias.shape)
 

@@ -4,7 +4,9 @@ A backend receives platter-token tensors q (B, H, Lq, w), k and v (B, H, Lk, w)
 with the same number of heads, a `TorusGeometry`, an optional key padding mask
 (B, Lk) (True for real tokens) and the score scale. It returns the attention
 output (B, H, Lq, w) in q's dtype and, when asked and supported, the attention
-weights (B, H, Lq, Lk) in float32.
+weights (B, H, Lq, Lk) in the compute dtype: float64 for float64 inputs, float32 otherwise
+(`compute_dtype`). A backend that takes float64 computes in float64, softmax statistics
+included, so that `torch.autograd.gradcheck` holds.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    # Whether its backward is itself differentiable (`torch.autograd.gradgradcheck` holds).
+    double_backward: bool = False
 
     def unavailable_reason(self, request: KernelRequest) -> str | None:
         """None if this backend can serve `request`, else a one-line reason naming the unmet condition."""
@@ -98,6 +102,11 @@ def get_backend(name: str) -> Backend:
         raise ValueError(
             f"unknown backend {name!r}; choose 'auto' or one of {', '.join(_REGISTRY)}"
         ) from None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics are kept in: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""`blockwise`: tiled attention with an online softmax, O(L * tile) memory in forward and backward."""
+"""`blockwise`: tiled attention with an online softmax, O(L * tile) memory in forward and backward.
+
+It computes in float32, or in float64 for float64 inputs (`compute_dtype`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from toroidal.geometry import TorusGeometry
-from toroidal.kernels.base import Backend, register
+from toroidal.kernels.base import Backend, compute_dtype, register
 
 # Platter-tokens per tile. On a 2-core CPU (L=8192, w=16, B=1, H=8, causal, lambda=0.1)
 # 256 beat 128, 384 and 512 in forward and forward+backward.
@@ -59,20 +61,26 @@ def _tile_plan(geometry: TorusGeometry, lq: int, lk: int, tile: int, key_padding
 
 
 class Tiles:
-    """Tiling of one call, shared by forward and backward: the plan and each tile's scores."""
+    """Tiling of one call, shared by forward and backward: the plan and each tile's scores.
 
-    def __init__(self, geometry, key_padding, tile, lq, lk, batch, device):
+    `dtype` is the compute dtype of the scores (float32, or float64 for float64 inputs).
+    """
+
+    def __init__(self, geometry, key_padding, tile, lq, lk, batch, device, dtype=torch.float32):
         self.geometry, self.tile, self.batch, self.device = geometry, tile, batch, device
-        self.lq, self.lk = lq, lk
+        self.lq, self.lk, self.dtype = lq, lk, dtype
         self.plan = _tile_plan(geometry, lq, lk, tile, key_padding, device)
         self.pad_add = None
         if key_padding is not None:
-            self.pad_add = torch.zeros(key_padding.shape, device=device).masked_fill(
+            self.pad_add = torch.zeros(key_padding.shape, device=device, dtype=dtype).masked_fill(
                 ~key_padding, float("-inf")
             )
-        # int32 indices make the per-tile bias arithmetic about twice as fast and stay exact.
+        # int32 indices make the per-tile bias arithmetic about twice as fast and stay exact;
+        # float64 indices (exact to 2**53) make a float64 bias computed in float64.
         small = lq + lk + geometry.q_offset + geometry.period < 2**31
         self.index_dtype = torch.int32 if small else torch.int64
+        if dtype == torch.float64:
+            self.index_dtype = torch.float64
 
     def split(self, x):
         """(BH, L, c) -> contiguous (BH, tile, c) pieces (batched matmuls want dense operands)."""
@@ -84,22 +92,22 @@ class Tiles:
             yield i, i * self.tile, min(i * self.tile + self.tile, self.lq), row
 
     def _additive(self, q0, q1, k0, k1, masked):
-        """Bias plus -inf on forbidden pairs: (tq, tk) float32, or None when it would be all zero."""
+        """Bias plus -inf on forbidden pairs: (tq, tk) in the compute dtype, or None when all zero."""
         use_bias = self.geometry.lambda_distance != 0
         if not (use_bias or masked):
             return None
         q_idx = torch.arange(q0, q1, device=self.device, dtype=self.index_dtype)[:, None]
         k_idx = torch.arange(k0, k1, device=self.device, dtype=self.index_dtype)[None, :]
         if use_bias:
-            additive = self.geometry.bias(q_idx, k_idx).to(torch.float32)
+            additive = self.geometry.bias(q_idx, k_idx).to(self.dtype)
         else:
-            additive = torch.zeros(q1 - q0, k1 - k0, device=self.device)
+            additive = torch.zeros(q1 - q0, k1 - k0, device=self.device, dtype=self.dtype)
         if masked:
             additive = additive.masked_fill(~self.geometry.allowed(q_idx, k_idx), float("-inf"))
         return additive
 
     def scores(self, q_t, k_t, q0, q1, j, masked):
-        """(BH, tq, tk) float32 scores of a query tile (already scaled) against key tile j."""
+        """(BH, tq, tk) scores of a query tile (already scaled) against key tile j, compute dtype."""
         k0 = j * self.tile
         k1 = k0 + k_t.shape[1]
         additive = self._additive(q0, q1, k0, k1, masked)
@@ -111,7 +119,8 @@ class Tiles:
 
 
 def tiled_forward(tiles: Tiles, q, k, v, scale: float):
-    """Online-softmax forward over `tiles` on float32 (B*H, L, w) tensors (one batched matmul per tile).
+    """Online-softmax forward over `tiles` on (B*H, L, w) tensors of the compute dtype (one batched
+    matmul per tile).
 
     Returns the output (B*H, Lq, w) and the row log-sum-exp (B*H, Lq, 1), +inf on rows that see
     nothing, so that probabilities recomputed from it are exactly 0. `toroidal.ring` merges these.
@@ -121,19 +130,20 @@ def tiled_forward(tiles: Tiles, q, k, v, scale: float):
     # A column of ones after v makes p @ v also return the row sums of p.
     v_tiles = tiles.split(F.pad(v, (0, 1), value=1.0))
     out = q.new_zeros(bh, lq, w)
-    lse = torch.full((bh, lq, 1), float("inf"), device=q.device)
+    lse = torch.full((bh, lq, 1), float("inf"), device=q.device, dtype=q.dtype)
+    lowest = torch.finfo(q.dtype).min
     for i, q0, q1, row in tiles.rows():
         if not row:
             continue
         q_t = q_tiles[i] * scale
-        row_max = torch.full((bh, q1 - q0, 1), float("-inf"), device=q.device)
+        row_max = torch.full((bh, q1 - q0, 1), float("-inf"), device=q.device, dtype=q.dtype)
         acc = q_t.new_zeros(bh, q1 - q0, w + 1)
         for j, masked in row:
             s = tiles.scores(q_t, k_tiles[j], q0, q1, j, masked)
             new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
             # While a row has seen only masked keys its max is -inf; shifting by a finite
             # number instead keeps exp() at exactly 0 without computing inf - inf.
-            shift = new_max.clamp(min=torch.finfo(torch.float32).min)
+            shift = new_max.clamp(min=lowest)
             p = s.sub_(shift).exp_()
             acc.mul_(torch.exp(row_max - shift)).baddbmm_(p, v_tiles[j])
             row_max = new_max
@@ -145,7 +155,7 @@ def tiled_forward(tiles: Tiles, q, k, v, scale: float):
 
 
 def tiled_backward(tiles: Tiles, q, k, v, grad_out, lse, delta, scale: float, need_dk=True, need_dv=True):
-    """(dq, dk, dv) over `tiles`, float32 (B*H, L, w), recomputing each tile's probabilities.
+    """(dq, dk, dv) over `tiles`, (B*H, L, w) in the compute dtype, recomputing each tile's probabilities.
 
     `lse` and `delta` = rowsum(dO * O) belong to the whole softmax, which may span more keys
     than these tiles (`toroidal.ring` sums the pieces).
@@ -174,9 +184,10 @@ class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, geometry, key_padding, scale, tile):
         b, h, lq, w = q.shape
-        tiles = Tiles(geometry, key_padding, tile, lq, k.shape[-2], b, q.device)
-        # Float32 math on (B*H, L, w): one batched matmul per tile covers every head.
-        qf, kf, vf = (t.reshape(b * h, -1, w).float() for t in (q, k, v))
+        dtype = compute_dtype(q.dtype)
+        tiles = Tiles(geometry, key_padding, tile, lq, k.shape[-2], b, q.device, dtype)
+        # Float32 (float64) math on (B*H, L, w): one batched matmul per tile covers every head.
+        qf, kf, vf = (t.reshape(b * h, -1, w).to(dtype) for t in (q, k, v))
         out, lse = tiled_forward(tiles, qf, kf, vf, scale)
         out = out.view(b, h, lq, w).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -189,7 +200,8 @@ class _BlockwiseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         b, h, lq, w = q.shape
         _, need_dk, need_dv = ctx.needs_input_grad[:3]
-        qf, kf, vf, of, dof = (t.reshape(b * h, -1, w).float() for t in (q, k, v, out, grad_out))
+        dtype = ctx.tiles.dtype
+        qf, kf, vf, of, dof = (t.reshape(b * h, -1, w).to(dtype) for t in (q, k, v, out, grad_out))
         delta = (dof * of).sum(-1, keepdim=True)  # D_i = rowsum(dO * O)
         dq, dk, dv = tiled_backward(ctx.tiles, qf, kf, vf, dof, lse, delta, ctx.scale, need_dk, need_dv)
         grads = (g.view(b, h, -1, w).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
@@ -198,7 +210,7 @@ class _BlockwiseAttention(torch.autograd.Function):
 
 class BlockwiseBackend(Backend):
     name = "blockwise"
-    description = "tiled online-softmax attention in float32; O(L * tile) memory, skips masked tiles"
+    description = "tiled online-softmax attention in float32 (float64 for float64); O(L * tile) memory"
 
     def __init__(self, tile: int = DEFAULT_TILE) -> None:
         self.tile = tile

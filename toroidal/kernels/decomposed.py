@@ -1,7 +1,9 @@
 """`decomposed`: the torus bias split into exact low-rank pieces for PyTorch's fused CPU kernel.
 
-Serves CPU, float32, P >= N, no window that bites and no KV-cache offset. Why it is exact:
-docs/internals.md.
+Serves CPU, float32 or float64 (computed in float64), P >= N, no window that bites and no
+KV-cache offset. Why it is exact: docs/internals.md. The kernel is a pair of registered operators
+(`torch.ops.toroidal.decomposed_forward` / `decomposed_backward`), so torch.compile traces it
+as one opaque call and autograd finds the backward by registration.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from toroidal.kernels.base import Backend, register
+from toroidal.kernels.base import Backend, compute_dtype, register
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -133,24 +135,24 @@ class _Augmented:
     The ring column of q is +1/scale or -1/scale by region, so two q variants are kept.
     """
 
-    def __init__(self, q, k, v, geometry, key_padding, scale):
+    def __init__(self, q, k, v, depth, period, lam, key_padding, scale):
         b, h, length, w = q.shape
-        depth, lam = geometry.depth, geometry.lambda_distance
         n = length // depth
+        dtype = compute_dtype(q.dtype)
         self.depth, self.scale, self.lam = depth, scale, lam
-        self.lam_over_p = lam / geometry.period
-        self.positions = torch.arange(n, device=q.device, dtype=torch.float32).repeat_interleave(depth)
-        a, bmat, r = _platter_factors(depth, lam, torch.float32)
+        self.lam_over_p = lam / period
+        self.positions = torch.arange(n, device=q.device, dtype=dtype).repeat_interleave(depth)
+        a, bmat, r = _platter_factors(depth, lam, dtype)
         self.platter_const = r.to(q.device).repeat(n)
         cols_q, cols_k = [], []
         if depth > 1 and lam:
             cols_q.append(a.to(q.device).repeat(n, 1) / scale)
             cols_k.append(bmat.to(q.device).repeat(n, 1))
         if lam:
-            cols_q.append(torch.full((length, 1), 1.0 / scale, device=q.device))
+            cols_q.append(torch.full((length, 1), 1.0 / scale, device=q.device, dtype=dtype))
             cols_k.append((self.lam_over_p * self.positions)[:, None])
         if key_padding is not None:
-            cols_q.append(torch.ones(length, 1, device=q.device))
+            cols_q.append(torch.ones(length, 1, device=q.device, dtype=dtype))
         extra_q = torch.cat(cols_q, -1).to(q.dtype) if cols_q else q.new_zeros(length, 0)
         n_extra = extra_q.shape[-1]
         self.q_plus = torch.cat([q, extra_q.expand(b, h, length, n_extra)], -1)
@@ -236,7 +238,7 @@ def _same_position_scores(q, k, depth, scale):
     n = length // depth
     s = torch.einsum("bhnkd,bhnld->bhnkl", q.reshape(b, h, n, depth, dim), k.reshape(b, h, n, depth, dim))
     below = torch.ones(depth, depth, dtype=torch.bool, device=q.device).tril()
-    return s.float().mul_(scale).masked_fill_(below, float("-inf"))  # s is a fresh tensor
+    return s.to(compute_dtype(s.dtype)).mul_(scale).masked_fill_(below, float("-inf"))  # s is fresh
 
 
 def _attend(q, k, v, causal: bool, depth: int, scale: float, v_width: int | None = None):
@@ -306,12 +308,13 @@ def _piece_backward(aug: _Augmented, piece: Piece, grad, out, lse):
         n, d = length // aug.depth, aug.depth
         shape5 = (b, h, n, d, dim)
         p = torch.exp(_same_position_scores(q, k, d, aug.scale) - lse.reshape(b, h, n, d, 1))
-        g5, v5 = grad.reshape(shape5).float(), v.reshape(shape5).float()
-        row_dot = (g5 * out.reshape(shape5).float()).sum(-1, keepdim=True)
+        dtype = p.dtype
+        g5, v5 = grad.reshape(shape5).to(dtype), v.reshape(shape5).to(dtype)
+        row_dot = (g5 * out.reshape(shape5).to(dtype)).sum(-1, keepdim=True)
         ds = p * (torch.einsum("bhnkd,bhnld->bhnkl", g5, v5) - row_dot) * aug.scale
         # The kernel's gradients are ours to update in place.
-        _add_pair_rows(gq.view(shape5), ds, k.reshape(shape5).float())
-        _add_pair_cols(gk.view(shape5), ds, q.reshape(shape5).float())
+        _add_pair_rows(gq.view(shape5), ds, k.reshape(shape5).to(dtype))
+        _add_pair_cols(gk.view(shape5), ds, q.reshape(shape5).to(dtype))
         _add_pair_cols(gv.view(shape5), p, g5)
     return gq, gk, gv
 
@@ -341,57 +344,93 @@ def _merged_by_rows(aug: _Augmented, pieces) -> dict[tuple[int, int], tuple]:
     return merged
 
 
-def valid_rows(geometry, key_padding, length):
+def valid_rows(depth, causal, key_padding, length):
     """(B, 1, L, 1) bool: rows with at least one allowed real key (None when all rows have one)."""
     if key_padding is None:
         return None
-    real = key_padding[:, :: geometry.depth]
-    has = real.cumsum(dim=1) > 0 if geometry.causal else real.any(dim=1, keepdim=True).expand_as(real)
-    return has.repeat_interleave(geometry.depth, dim=1)[:, None, :, None]
+    real = key_padding[:, ::depth]
+    has = real.cumsum(dim=1) > 0 if causal else real.any(dim=1, keepdim=True).expand_as(real)
+    return has.repeat_interleave(depth, dim=1)[:, None, :, None]
 
 
-class _DecomposedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, geometry, key_padding, scale):
-        aug = _Augmented(q, k, v, geometry, key_padding, scale)
-        pieces = plan(q.shape[-2] // geometry.depth, geometry.period, geometry.causal)
-        b, h, length, dim = aug.q_plus.shape
-        out = q.new_zeros(b, h, length, dim)
-        lse = torch.full((b, h, length), float("-inf"), device=q.device)
-        first_visit = torch.ones(length // geometry.depth, dtype=torch.bool)
-        for (q0, q1), (p_out, p_lse) in _merged_by_rows(aug, pieces).items():
-            rows = aug.tokens(q0, q1)
-            if first_visit[q0:q1].all():  # nothing to merge with yet
-                out[:, :, rows], lse[:, :, rows] = p_out, p_lse
-            else:
-                merged = torch.logaddexp(lse[:, :, rows], p_lse)
-                out[:, :, rows] *= torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
-                out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
-                lse[:, :, rows] = merged
-            first_visit[q0:q1] = False
-        valid = valid_rows(geometry, key_padding, length)
-        if valid is not None:
-            out = out * valid
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid = geometry, key_padding, scale, valid
-        return out[..., : q.shape[-1]].clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = backward(q, k, v, out, lse, ctx.geometry, ctx.key_padding, ctx.scale, ctx.valid, grad)
-        return (*grads, None, None, None)
+@torch.library.custom_op("toroidal::decomposed_forward", mutates_args=(), device_types="cpu")
+def decomposed_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, depth: int, period: int,
+    lambda_distance: float, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(output, natural log-sum-exp in the compute dtype) of toroidal attention on platter-tokens
+    q, k, v (B, H, L, w) with P >= N, no window and no query offset; `keep`: (B, L) key padding."""
+    aug = _Augmented(q, k, v, depth, period, lambda_distance, keep, scale)
+    pieces = plan(q.shape[-2] // depth, period, causal)
+    b, h, length, dim = aug.q_plus.shape
+    out = q.new_zeros(b, h, length, dim)
+    lse = torch.full((b, h, length), float("-inf"), device=q.device, dtype=compute_dtype(q.dtype))
+    first_visit = [True] * (length // depth)  # per position; the plan is static, so is this
+    for (q0, q1), (p_out, p_lse) in _merged_by_rows(aug, pieces).items():
+        rows = aug.tokens(q0, q1)
+        if all(first_visit[q0:q1]):  # nothing to merge with yet
+            out[:, :, rows], lse[:, :, rows] = p_out, p_lse
+        else:
+            merged = torch.logaddexp(lse[:, :, rows], p_lse)
+            out[:, :, rows] *= torch.exp(lse[:, :, rows] - merged)[..., None].to(out.dtype)
+            out[:, :, rows] += p_out * torch.exp(p_lse - merged)[..., None].to(out.dtype)
+            lse[:, :, rows] = merged
+        first_visit[q0:q1] = [False] * (q1 - q0)
+    valid = valid_rows(depth, causal, keep, length)
+    if valid is not None:
+        out = out * valid
+    return out[..., : q.shape[-1]].clone(), lse
 
 
-def backward(q, k, v, out, lse, geometry, key_padding, scale, valid, grad):
+@decomposed_forward.register_fake
+def _decomposed_forward_fake(q, k, v, keep, depth, period, lambda_distance, causal, scale):
+    # Contiguous, as the real kernel's outputs are whatever the strides of q.
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("toroidal::decomposed_backward", mutates_args=(), device_types="cpu")
+def decomposed_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, grad: torch.Tensor, depth: int, period: int, lambda_distance: float, causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (q, k, v) of `decomposed_forward` from its output and log-sum-exp."""
+    valid = valid_rows(depth, causal, keep, q.shape[-2])
+    grads = backward(q, k, v, out, lse, depth, period, lambda_distance, causal, keep, scale, valid, grad)
+    return tuple(g.contiguous() for g in grads)
+
+
+@decomposed_backward.register_fake
+def _decomposed_backward_fake(q, k, v, keep, out, lse, grad, *geometry):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, keep, *geometry = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, keep, out, lse)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, keep, out, lse = ctx.saved_tensors
+    grads = torch.ops.toroidal.decomposed_backward.default(q, k, v, keep, out, lse, grad, *ctx.geometry)
+    return (*grads, None, None, None, None, None, None)
+
+
+decomposed_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def backward(q, k, v, out, lse, depth, period, lam, causal, key_padding, scale, valid, grad):
     """Gradients (q, k, v) of toroidal attention from its output and natural log-sum-exp.
 
     Each piece reruns the fused kernel's backward with the merged output and log-sum-exp
     (ring attention's rule), so any forward that returns those two could use it.
     `out` may be the real width or the augmented one (its extra columns are zeros).
     """
-    aug = _Augmented(q, k, v, geometry, key_padding, scale)
-    pieces = plan(q.shape[-2] // geometry.depth, geometry.period, geometry.causal)
+    aug = _Augmented(q, k, v, depth, period, lam, key_padding, scale)
+    pieces = plan(q.shape[-2] // depth, period, causal)
     w, dim = q.shape[-1], aug.v.shape[-1]
     grad = torch.nn.functional.pad(grad, (0, dim - w))
     out = torch.nn.functional.pad(out, (0, dim - out.shape[-1]))
@@ -422,8 +461,8 @@ class DecomposedBackend(Backend):
         g = request.geometry
         if request.device_type != "cpu":
             return "decomposed runs on CPU only (it calls the fused CPU flash kernel)"
-        if request.dtype != torch.float32:
-            return "decomposed needs float32"
+        if request.dtype not in (torch.float32, torch.float64):
+            return "decomposed needs float32 or float64"
         if request.need_weights:
             return "decomposed does not materialize weights; use backend='reference'"
         if g.window is not None and 2 * g.window < g.period:
@@ -435,7 +474,11 @@ class DecomposedBackend(Backend):
         return None
 
     def forward(self, q, k, v, geometry, key_padding, scale, need_weights):
-        return _DecomposedAttention.apply(q, k, v, geometry, key_padding, scale), None
+        g = geometry
+        out, _ = torch.ops.toroidal.decomposed_forward.default(
+            q, k, v, key_padding, g.depth, g.period, float(g.lambda_distance), g.causal, float(scale)
+        )
+        return out, None
 
 
 BACKEND = DecomposedBackend()

@@ -132,6 +132,8 @@ class FlexBackend(Backend):
         if request.need_weights:
             return "flex cannot return attention weights; use backend='reference'"
         if request.device_type == "cpu":
+            if request.dtype == torch.float64:  # torch's CPU flex kernel takes fp32, fp16 and bf16 only
+                return "flex on CPU has no float64 kernel; use reference, sdpa, blockwise or native"
             return _cpu_reason(request.requires_grad)
         if request.device_type != "cuda":
             return f"flex here supports cuda and cpu, not {request.device_type}"

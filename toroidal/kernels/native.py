@@ -1,6 +1,11 @@
 """`native`: fused C++ CPU kernels (forward and backward, csrc/torus_cpu.cpp), compiled for this
-machine on first use into `$TOROIDAL_KERNEL_CACHE` (default ~/.cache/toroidal/kernels).
+machine on first use into `$TOROIDAL_KERNEL_CACHE` (default ~/.cache/toroidal/kernels), one
+library per padded width and precision (float32, or float64 computed in float64).
 `TOROIDAL_NATIVE=0` turns it off.
+
+The kernels are registered operators, `torch.ops.toroidal.native_forward` and `native_backward`,
+with fake (shape-only) implementations and registered autograd: torch.compile traces them
+without a graph break, while the C++ library stays a plain ctypes build.
 """
 
 from __future__ import annotations
@@ -26,15 +31,21 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-pthread", "-fno-math-errno", "
 _LANES = 16
 _KEY_BLOCK = 256  # KB in the source: keys per block of the backward's tasks
 _COMPILE_SECONDS = 180
-_GEOMETRY_ARGS = (
-    [ctypes.c_int64] * 6  # rows (B*H), query length, key length, depth, heads, query offset
-    + [ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-)  # period, lambda, causal, window (-1: none), scale, threads
-_FORWARD_ARGS = [ctypes.c_void_p] * 6 + _GEOMETRY_ARGS  # q, k, v, keep, out, lse
-_BACKWARD_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int64] + _GEOMETRY_ARGS
-# q, k, v, keep, grad, lse, delta, dq parts, dk, dv; dq parts per head
-# Positions are exact in float32 up to 2**24.
-_MAX_POSITIONS = 2**24
+# The C++ `scalar` of each build: its ctypes type and the flag that selects it.
+_PRECISIONS = {torch.float32: (ctypes.c_float, ()), torch.float64: (ctypes.c_double, ("-DTOROIDAL_DOUBLE",))}
+# Positions are exact up to 2**24 in float32 (2**53 in float64).
+_MAX_POSITIONS = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def _argtypes(scalar) -> tuple[list, list]:
+    geometry = (
+        [ctypes.c_int64] * 6  # rows (B*H), query length, key length, depth, heads, query offset
+        + [ctypes.c_int64, scalar, ctypes.c_int, ctypes.c_int64, scalar, ctypes.c_int]
+    )  # period, lambda, causal, window (-1: none), scale, threads
+    forward = [ctypes.c_void_p] * 6 + geometry  # q, k, v, keep, out, lse
+    backward = [ctypes.c_void_p] * 10 + [ctypes.c_int64] + geometry
+    # q, k, v, keep, grad, lse, delta, dq parts, dk, dv; dq parts per head
+    return forward, backward
 
 
 class BuildError(RuntimeError):
@@ -74,23 +85,25 @@ def _first_error(text: str) -> str:
     return (errors or lines or ["no output"])[0][:300]
 
 
-def _build(width: int) -> Path:
-    """The shared library for `width`, compiled into the cache unless already there."""
+def _build(width: int, dtype: torch.dtype = torch.float32) -> Path:
+    """The shared library for `width` and `dtype`, compiled into the cache unless already there."""
     compiler = _compiler()
     if compiler is None:
         raise BuildError("native needs a C++ compiler (g++ or $CXX) to build its kernel; none was found")
     source = _SOURCE.read_bytes()
+    flags = (*_FLAGS, *_PRECISIONS[dtype][1])
     digest = hashlib.sha256(
-        b"|".join([source, str(width).encode(), " ".join(_FLAGS).encode(), _machine_key(compiler).encode()])
+        b"|".join([source, str(width).encode(), " ".join(flags).encode(), _machine_key(compiler).encode()])
     ).hexdigest()[:20]
-    target = cache_dir() / f"torus_cpu_w{width}_{digest}.so"
+    suffix = "_f64" if dtype == torch.float64 else ""
+    target = cache_dir() / f"torus_cpu_w{width}{suffix}_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile beside the target and rename: a concurrent build or a crash never leaves half a file.
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
-    command = [compiler, *_FLAGS, f"-DWIDTH={width}", "-o", partial, str(_SOURCE)]
+    command = [compiler, *flags, f"-DWIDTH={width}", "-o", partial, str(_SOURCE)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_SECONDS)
         if result.returncode != 0:
@@ -106,16 +119,17 @@ def _build(width: int) -> Path:
 
 
 @functools.cache
-def _library(width: int):
-    """The loaded kernel for a padded width, or the BuildError that says why there is none."""
+def _library(width: int, dtype: torch.dtype = torch.float32):
+    """The loaded kernel for a padded width and dtype, or the BuildError that says why there is none."""
     try:
-        lib = ctypes.CDLL(str(_build(width)))
+        lib = ctypes.CDLL(str(_build(width, dtype)))
     except OSError as exc:
         return BuildError(f"loading the native kernel failed: {exc}")
     except BuildError as exc:
         return exc
-    lib.torus_forward.argtypes, lib.torus_forward.restype = _FORWARD_ARGS, None
-    lib.torus_backward.argtypes, lib.torus_backward.restype = _BACKWARD_ARGS, None
+    forward, backward = _argtypes(_PRECISIONS[dtype][0])
+    lib.torus_forward.argtypes, lib.torus_forward.restype = forward, None
+    lib.torus_backward.argtypes, lib.torus_backward.restype = backward, None
     return lib
 
 
@@ -123,8 +137,8 @@ def _padded_width(width: int) -> int:
     return -(-width // _LANES) * _LANES
 
 
-def _library_for(width: int):
-    lib = _library(_padded_width(width))
+def _library_for(width: int, dtype: torch.dtype):
+    lib = _library(_padded_width(width), dtype)
     if isinstance(lib, BuildError):
         raise BackendUnavailable(f"backend 'native' unavailable: {lib}")
     return lib
@@ -135,13 +149,18 @@ def _padded(tensors, width):
     return [(F.pad(t, (0, padded - width)) if padded != width else t).contiguous() for t in tensors]
 
 
-def _geometry_args(q, k, geometry, scale):
+def _call_args(q, k, depth, period, lambda_distance, causal, window, q_offset, scale):
     batch, heads, lq, _ = q.shape
     return (
-        batch * heads, lq, k.shape[-2], geometry.depth, heads, geometry.q_offset, geometry.period,
-        float(geometry.lambda_distance), int(geometry.causal),
-        -1 if geometry.window is None else geometry.window, float(scale), torch.get_num_threads(),
+        batch * heads, lq, k.shape[-2], depth, heads, q_offset, period, float(lambda_distance), int(causal),
+        -1 if window is None else window, float(scale), torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _check_dtypes(*tensors) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or tensors[0].dtype not in _PRECISIONS:
+        raise TypeError(f"the native kernel takes float32 or float64 tensors of one dtype, got {dtypes}")
 
 
 def _keep(key_padding):
@@ -152,22 +171,87 @@ def _pointer(t):
     return 0 if t is None else t.data_ptr()
 
 
-def forward_with_lse(q, k, v, geometry, key_padding, scale):
-    """(output, natural log-sum-exp) of toroidal attention on platter-tokens q (B, H, Lq, w), k and v
-    (B, H, Lk, w).
+# The kernels are registered operators (`torch.ops.toroidal.native_forward` / `native_backward`):
+# torch.compile traces them from their fake (shape-only) implementations and autograd finds the
+# backward by registration, while the C++ library stays a plain ctypes build. The geometry travels
+# as plain arguments; `keep` is the (B, Lk) key padding mask (True: a real key) or None.
 
-    Rows with no key to attend come back as zeros with log-sum-exp -inf.
-    """
+
+@torch.library.custom_op("toroidal::native_forward", mutates_args=(), device_types="cpu")
+def native_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, depth: int, period: int,
+    lambda_distance: float, causal: bool, window: int | None, q_offset: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(output, natural log-sum-exp) of toroidal attention on platter-tokens q (B, H, Lq, w), k and v
+    (B, H, Lk, w). Rows with no key to attend come back as zeros with log-sum-exp -inf."""
+    _check_dtypes(q, k, v)
     batch, heads, lq, width = q.shape
     q, k, v = _padded((q, k, v), width)
-    keep = _keep(key_padding)
+    keep_bytes = _keep(keep)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, lq, dtype=torch.float32)
-    _library_for(width).torus_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep), out.data_ptr(), lse.data_ptr(),
-        *_geometry_args(q, k, geometry, scale),
+    lse = torch.empty(batch, heads, lq, dtype=q.dtype)
+    _library_for(width, q.dtype).torus_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep_bytes), out.data_ptr(), lse.data_ptr(),
+        *_call_args(q, k, depth, period, lambda_distance, causal, window, q_offset, scale),
     )  # fmt: skip
     return out[..., :width], lse
+
+
+@native_forward.register_fake
+def _native_forward_fake(q, k, v, keep, depth, period, lambda_distance, causal, window, q_offset, scale):
+    *lead, width = q.shape
+    # The same strides as the real kernel: a slice of its lane-padded output.
+    out = q.new_empty(*lead, _padded_width(width))[..., :width]
+    return out, q.new_empty(lead)
+
+
+@torch.library.custom_op("toroidal::native_backward", mutates_args=(), device_types="cpu")
+def native_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, grad: torch.Tensor, depth: int, period: int, lambda_distance: float, causal: bool,
+    window: int | None, q_offset: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (q, k, v) from the forward's output and log-sum-exp (flash attention's backward)."""
+    _check_dtypes(q, k, v, out, lse)
+    batch, heads, lq, width = q.shape
+    delta = (grad.to(q.dtype) * out).sum(-1).contiguous()  # rowsum(dO * O): the softmax's Jacobian term
+    q, k, v, grad = _padded((q, k, v, grad), width)
+    keep_bytes = _keep(keep)
+    parts = _dq_parts(batch * heads, -(-k.shape[-2] // _KEY_BLOCK))
+    dq = torch.zeros(batch, heads, parts, lq, q.shape[-1], dtype=q.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _library_for(width, q.dtype).torus_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep_bytes), grad.data_ptr(),
+        lse.contiguous().data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), parts,
+        *_call_args(q, k, depth, period, lambda_distance, causal, window, q_offset, scale),
+    )  # fmt: skip
+    dq = dq[:, :, 0] if parts == 1 else dq.sum(dim=2)
+    return dq[..., :width].contiguous(), dk[..., :width].contiguous(), dv[..., :width].contiguous()
+
+
+@native_backward.register_fake
+def _native_backward_fake(q, k, v, keep, out, lse, grad, *geometry):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, keep, *geometry = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, keep, out, lse)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, keep, out, lse = ctx.saved_tensors
+    grads = _BACKWARD_OP(q, k, v, keep, out, lse, grad.contiguous(), *ctx.geometry)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+native_forward.register_autograd(_backward, setup_context=_setup_context)
+# The overloads themselves: calling them skips the Python wrapper's checks (~20 us a call).
+_FORWARD_OP = torch.ops.toroidal.native_forward.default
+_BACKWARD_OP = torch.ops.toroidal.native_backward.default
 
 
 def _dq_parts(rows: int, key_blocks: int) -> int:
@@ -176,37 +260,15 @@ def _dq_parts(rows: int, key_blocks: int) -> int:
     return max(1, min(key_blocks, -(-2 * threads // rows))) if threads > 1 else 1
 
 
-def backward(q, k, v, out, lse, grad, geometry, key_padding, scale):
-    """Gradients (q, k, v) from the forward's output and log-sum-exp (flash attention's backward)."""
-    batch, heads, lq, width = q.shape
-    delta = (grad.float() * out).sum(-1).contiguous()  # rowsum(dO * O): the softmax's Jacobian term
-    q, k, v, grad = _padded((q, k, v, grad), width)
-    keep = _keep(key_padding)
-    parts = _dq_parts(batch * heads, -(-k.shape[-2] // _KEY_BLOCK))
-    dq = torch.zeros(batch, heads, parts, lq, q.shape[-1])
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _library_for(width).torus_backward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(keep), grad.data_ptr(),
-        lse.contiguous().data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), parts,
-        *_geometry_args(q, k, geometry, scale),
-    )  # fmt: skip
-    dq = dq[:, :, 0] if parts == 1 else dq.sum(dim=2)
-    return dq[..., :width], dk[..., :width], dv[..., :width]
+def geometry_args(geometry) -> tuple:
+    """A `TorusGeometry` as the operators' arguments (depth ... q_offset), before the scale."""
+    g = geometry
+    return (g.depth, g.period, float(g.lambda_distance), g.causal, g.window, g.q_offset)
 
 
-class _NativeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, geometry, key_padding, scale):
-        out, lse = forward_with_lse(q, k, v, geometry, key_padding, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.geometry, ctx.key_padding, ctx.scale = geometry, key_padding, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = backward(q, k, v, out, lse, grad, ctx.geometry, ctx.key_padding, ctx.scale)
-        return (*grads, None, None, None)
+def forward_with_lse(q, k, v, geometry, key_padding, scale):
+    """`native_forward` for a `TorusGeometry`: (output, natural log-sum-exp)."""
+    return _FORWARD_OP(q, k, v, key_padding, *geometry_args(geometry), float(scale))
 
 
 class NativeBackend(Backend):
@@ -218,18 +280,21 @@ class NativeBackend(Backend):
             return "native is turned off by TOROIDAL_NATIVE=0"
         if request.device_type != "cpu":
             return "native runs on CPU only (its kernel is compiled C++)"
-        if request.dtype != torch.float32:
-            return "native needs float32"
+        if request.dtype not in _PRECISIONS:
+            return "native needs float32 or float64"
         if request.need_weights:
             return "native does not materialize weights; use backend='reference'"
         reach = request.geometry.q_offset + max(request.n_queries, request.n_keys)
-        if reach > _MAX_POSITIONS:
-            return f"native needs positions below 2**24 (float32 exact), this call reaches {reach}"
-        lib = _library(_LANES)  # one width compiled tells whether this machine can build the kernel
+        limit = _MAX_POSITIONS[request.dtype]
+        if reach > limit:
+            below = f"2**{limit.bit_length() - 1} ({str(request.dtype).removeprefix('torch.')} exact)"
+            return f"native needs positions below {below}, this call reaches {reach}"
+        # One width compiled tells whether this machine can build the kernel.
+        lib = _library(_LANES, request.dtype)
         return str(lib) if isinstance(lib, BuildError) else None
 
     def forward(self, q, k, v, geometry, key_padding, scale, need_weights):
-        return _NativeAttention.apply(q, k, v, geometry, key_padding, scale), None
+        return forward_with_lse(q, k, v, geometry, key_padding, scale)[0], None
 
 
 register(NativeBackend())

@@ -1,8 +1,19 @@
 """Choosing a backend: explicit names are checked; `auto` takes a tuning table's measured choice
-(`toroidal.kernels.tuning_table`) where one covers the call, else the first valid one in preference order."""
+(`toroidal.kernels.tuning_table`) where one covers the call, else the first valid one in preference order.
+
+Under `torch.compile` the choice is made while tracing, by the same code as in eager mode, and
+enters the graph as a constant (no graph break): the sizes it depends on are made static there
+(one graph per sequence length), and a tuning table or environment changed after compiling is
+not seen by that graph.
+"""
 
 from __future__ import annotations
 
+import operator
+
+import torch
+
+from toroidal.geometry import TorusGeometry
 from toroidal.kernels import tuning_table
 from toroidal.kernels.base import Backend, BackendUnavailable, KernelRequest, backend_names, get_backend
 
@@ -69,6 +80,50 @@ def forget_decisions() -> None:
 
 def resolve_backend(name: str, request: KernelRequest) -> Backend:
     """The backend named `name` (or chosen by `auto`), checked against `request`."""
+    if torch.compiler.is_compiling():
+        chosen, tile, refusal = _decided_while_tracing(name, *_static_fields(request))
+        if refusal is not None:
+            raise BackendUnavailable(refusal)
+        backend = get_backend(chosen)
+        return backend if tile is None else backend.with_tile(tile)
+    return _resolve(name, request)
+
+
+def _static_fields(request: KernelRequest) -> tuple:
+    """The request as Python constants; `operator.index` specializes symbolic sizes to their values."""
+    g = request.geometry
+    window = None if g.window is None else operator.index(g.window)
+    return (
+        request.device_type, request.dtype, request.requires_grad, request.need_weights,
+        operator.index(request.n_queries), operator.index(request.n_keys), request.has_padding,
+        g.depth, operator.index(g.period), float(g.lambda_distance), g.causal, window,
+        operator.index(g.q_offset),
+    )  # fmt: skip
+
+
+@torch.compiler.assume_constant_result
+def _decided_while_tracing(
+    name, device_type, dtype, requires_grad, need_weights, n_queries, n_keys, has_padding,
+    depth, period, lambda_distance, causal, window, q_offset,
+) -> tuple[str, int | None, str | None]:  # fmt: skip
+    """`_resolve`, run by torch.compile's tracer on real values. Its answer enters the graph as a
+    constant: the registered backend's name, the tile where a tuning table changed it, and the
+    BackendUnavailable message where the call cannot be served (raised by the traced code)."""
+    geometry = TorusGeometry(depth, period, lambda_distance, causal, window, q_offset)
+    request = KernelRequest(
+        device_type, dtype, requires_grad, need_weights, geometry, n_queries, n_keys, has_padding
+    )
+    try:
+        backend = _resolve(name, request)
+    except BackendUnavailable as refusal:
+        return "", None, str(refusal)
+    registered = get_backend(backend.name)
+    tile = getattr(backend, "tile", None)
+    changed = backend is not registered and tile != getattr(registered, "tile", None)
+    return backend.name, (tile if changed else None), None
+
+
+def _resolve(name: str, request: KernelRequest) -> Backend:
     if name == "auto":
         global _decided_with
         state = (tuning_table.generation(), *backend_names())

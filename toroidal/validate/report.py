@@ -10,9 +10,13 @@ import torch
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
-# Max abs error allowed between a backend and the float32 reference, for unit-scale inputs.
-KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+# Max abs error allowed between a backend and the reference (float32; float64 for float64 inputs),
+# for unit-scale inputs.
+KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float64: 1e-12}
 PROPERTY_TOLERANCE = 1e-5  # float32 module-level properties
+EXACT_TOLERANCE = 1e-12  # float64 properties that hold exactly (cyclic-shift invariance)
+# torch.autograd.gradcheck in float64: analytical against finite-difference Jacobians (eps 1e-6).
+GRADCHECK_ATOL, GRADCHECK_RTOL = 1e-7, 1e-5
 NO_LEAK_TOLERANCE = 1e-6
 GRAD_NORM_BOUND = 1e3  # generous: unit-scale inputs give norms of order 1-10
 ORTHOGONAL_MAX_SCORE = 0.1

@@ -13,6 +13,7 @@ from toroidal.validate.toroidal import (
     check_backends,
     check_causal_no_leak,
     check_geometry,
+    check_gradcheck,
     check_module_gradients,
     check_orthogonality,
     check_padded_rows,
@@ -34,11 +35,17 @@ def validation_suite(
     Another `mechanism` gets the checks of `toroidal.validate.mechanisms` instead."""
     device = torch.device(device)
     if dtype not in KERNEL_TOLERANCE:
-        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        raise ValueError(f"dtype {dtype} is not supported; use float32, float16, bfloat16 or float64")
     if mechanism != "toroidal":
         return mechanism_suite(mechanism, device, dtype)
     selected_backends(backends)  # fail early on an unknown backend name
     cases = QUICK_CASES if quick else FULL_CASES
+    exact = []
+    if dtype == torch.float64:  # the reference is exact there, and finite differences are meaningful
+        exact = [
+            ("float64 shift invariance", lambda: check_shift_invariance(device, "reference", dtype)),
+            ("gradcheck", lambda: check_gradcheck(device, backends)),
+        ]
     return [
         ("distances", check_geometry),
         ("rope orthogonality", check_orthogonality),
@@ -49,6 +56,7 @@ def validation_suite(
         ("backends vs reference", lambda: check_backends(device, dtype, cases, backends)),
         ("padded rows", lambda: check_padded_rows(device, dtype, backends)),
         ("decoding", lambda: check_decoding(device)),
+        *exact,
     ]
 
 

@@ -1,5 +1,6 @@
 """The checks of toroidal attention itself: distances, shift invariance, causality, gradients,
-rotary orthogonality, and every backend against `reference` (values, gradients, padded rows)."""
+rotary orthogonality, every backend against `reference` (values, gradients, padded rows), and in
+float64 `torch.autograd.gradcheck` (and gradgradcheck) of every backend that takes float64."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from toroidal.geometry import ring_distance, toroidal_distance
 from toroidal.kernels import BackendUnavailable, backend_names, get_backend
 from toroidal.rope import orthogonality_score
 from toroidal.validate.report import (
+    EXACT_TOLERANCE,
     FAIL,
     GRAD_NORM_BOUND,
+    GRADCHECK_ATOL,
+    GRADCHECK_RTOL,
     KERNEL_TOLERANCE,
     NO_LEAK_TOLERANCE,
     ORTHOGONAL_MAX_SCORE,
@@ -89,21 +93,33 @@ def _module(device: torch.device, **overrides) -> ToroidalAttention:
     return module.to(device).eval()
 
 
-def check_shift_invariance(device: torch.device | str = "cpu", backend: str = "auto") -> list[CheckResult]:
-    """Bidirectional attention with P = N and periodic (or no) RoPE: rolling the input rolls the output."""
+def check_shift_invariance(
+    device: torch.device | str = "cpu", backend: str = "auto", dtype: torch.dtype = torch.float32
+) -> list[CheckResult]:
+    """Bidirectional attention with P = N and periodic (or no) RoPE: rolling the input rolls the output.
+
+    The property is exact: in float64 the tolerance is `EXACT_TOLERANCE` (rounding only).
+    """
     device = torch.device(device)
     n, shifts = 12, (1, 5, 11)
+    exact = dtype == torch.float64
+    tolerance = EXACT_TOLERANCE if exact else PROPERTY_TOLERANCE
     results = []
     for rope, window in (("periodic", None), ("none", None), ("periodic", 3)):
         module = _module(device, rope=rope, window=window, causal=False, period=None, backend=backend)
-        x = torch.randn(2, n, 64).to(device)  # drawn on the CPU: the same inputs on every device
+        module = module.to(dtype)
+        # Drawn on the CPU: the same inputs on every device.
+        x = torch.randn(2, n, 64).to(device=device, dtype=dtype)
         with torch.no_grad():
             base, _ = module(x)
             error = max(
                 max_abs_diff(module(torch.roll(x, s, dims=1))[0], torch.roll(base, s, dims=1)) for s in shifts
             )
         name = f"shift invariance: rope={rope}" + (f", window={window}" if window is not None else "")
-        results.append(verdict(name, error, PROPERTY_TOLERANCE, f"N=P={n}, shifts {shifts}"))
+        detail = f"N=P={n}, shifts {shifts}"
+        if exact:
+            name, detail = f"{name} (float64)", f"{detail}, backend {backend}"
+        results.append(verdict(name, error, tolerance, detail))
     return results
 
 
@@ -248,6 +264,11 @@ FULL_CASES = QUICK_CASES + (
 _WIDTH, _BATCH, _HEADS = 8, 2, 2
 
 
+def _exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference's dtype for inputs of `dtype`: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _case_inputs(case: KernelCase, device: torch.device, dtype: torch.dtype):
     """Deterministic unit-scale q, k, v, padding mask and output cotangent for one case."""
     gen = torch.Generator().manual_seed(1000 + case.n * 10 + case.depth)
@@ -266,7 +287,7 @@ def _case_inputs(case: KernelCase, device: torch.device, dtype: torch.dtype):
         else:
             mask[1, :2] = False
         mask = mask.to(device)
-    cotangent = torch.randn(_BATCH, _HEADS, n_q, e, generator=gen).to(device)
+    cotangent = torch.randn(_BATCH, _HEADS, n_q, e, generator=gen).to(device, _exact_dtype(dtype))
     return q, k, v, mask, cotangent
 
 
@@ -289,7 +310,8 @@ def _attend(backend: str, case: KernelCase, q, k, v, mask):
 def _forward(backend: str, case: KernelCase, inputs) -> torch.Tensor:
     q, k, v, mask, _ = inputs
     with torch.no_grad():
-        return _attend(backend, case, q, k, v, mask).float()
+        out = _attend(backend, case, q, k, v, mask)
+        return out.to(_exact_dtype(out.dtype))
 
 
 def _gradients(backend: str, case: KernelCase, inputs) -> tuple[torch.Tensor, ...]:
@@ -297,7 +319,7 @@ def _gradients(backend: str, case: KernelCase, inputs) -> tuple[torch.Tensor, ..
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     with torch.enable_grad():
         out = _attend(backend, case, *leaves, mask)
-        return torch.autograd.grad((out.float() * cotangent).sum(), leaves)
+        return torch.autograd.grad((out.to(cotangent.dtype) * cotangent).sum(), leaves)
 
 
 @dataclass
@@ -372,7 +394,9 @@ def check_backends(
     references = []
     for case in cases:
         inputs = _case_inputs(case, device, dtype)
-        exact = tuple(t.float() if t is not None and t.is_floating_point() else t for t in inputs)
+        exact = tuple(
+            t.to(_exact_dtype(dtype)) if t is not None and t.is_floating_point() else t for t in inputs
+        )
         references.append((inputs, _forward("reference", case, exact), _gradients("reference", case, exact)))
     results = []
     for name in names:
@@ -446,5 +470,78 @@ def check_padded_rows(
     return results
 
 
-# --- the suite ---------------------------------------------------------------------------------
+# --- float64: gradcheck -------------------------------------------------------------------------
 
+# Small enough for finite differences of every input (2 x 1 x 5 x 4 each), and together they cover
+# a wrapping ring with a window and rows with nothing to see, padding, and decoding.
+GRADCHECK_CASES = (
+    KernelCase(5, 2, 0.7, causal=True, window=1, pad="left", period=4),
+    KernelCase(5, 2, 0.5, causal=False, pad="right"),
+    KernelCase(6, 2, 0.5, causal=True, period=8),
+    KernelCase(5, 2, 0.5, causal=True, window=2, period=8, n_queries=2),
+)
+
+
+def _gradcheck_inputs(case: KernelCase, device: torch.device):
+    gen = torch.Generator().manual_seed(2000 + case.n * 10 + case.depth)
+    n_q, e = case.n_queries or case.n, case.depth * 2
+
+    def leaf(n):
+        return torch.randn(2, 1, n, e, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+
+    mask = None
+    if case.pad is not None:  # as in `_case_inputs`: batch 1 loses its last 3 or first 2 positions
+        mask = torch.ones(2, case.n, dtype=torch.bool)
+        mask[1, -3:] = case.pad != "right"
+        mask[1, :2] = case.pad != "left"
+        mask = mask.to(device)
+    return (leaf(n_q), leaf(case.n), leaf(case.n)), mask
+
+
+def _gradcheck_one(name: str, case: KernelCase, device: torch.device, second_order: bool) -> None:
+    """Raises (GradcheckError, BackendUnavailable...) unless the backend's gradients check out."""
+    leaves, mask = _gradcheck_inputs(case, device)
+
+    def attend(q, k, v):
+        return _attend(name, case, q, k, v, mask)
+
+    tolerances = dict(atol=GRADCHECK_ATOL, rtol=GRADCHECK_RTOL)
+    torch.autograd.gradcheck(attend, leaves, **tolerances)
+    if second_order:
+        torch.autograd.gradgradcheck(attend, leaves, **tolerances)
+
+
+def check_gradcheck(
+    device: torch.device | str = "cpu", backends: list[str] | None = None
+) -> list[CheckResult]:
+    """`torch.autograd.gradcheck` in float64 of `reference` and every selected backend that takes
+    float64 (gradgradcheck too where a backend claims double backward), one row per backend."""
+    device = torch.device(device)
+    results = []
+    for name in ["reference"] + selected_backends(backends):
+        second_order = get_backend(name).double_backward
+        label = f"gradcheck{' + gradgradcheck' if second_order else ''}: {name}"
+        ran, skipped, failure = 0, [], ""
+        for case in GRADCHECK_CASES:
+            try:
+                _gradcheck_one(name, case, device, second_order)
+                ran += 1
+            except BackendUnavailable as error:
+                skipped.append(_unavailable(error, name))
+            except Exception as error:  # GradcheckError, or a crash: either way the gradients are wrong
+                ran += 1
+                failure = failure or f"{case.label()}: {reason_of(error)}"
+        detail = f"{ran}/{len(GRADCHECK_CASES)} float64 cases"
+        detail += f", atol {GRADCHECK_ATOL:g}, rtol {GRADCHECK_RTOL:g}"
+        if skipped:
+            detail += f"; {len(skipped)} skipped: {skipped[0]}"
+        if failure:
+            results.append(CheckResult(label, FAIL, None, None, failure))
+        elif ran == 0:
+            results.append(CheckResult(label, SKIP, None, None, skipped[0]))
+        else:
+            results.append(CheckResult(label, PASS, None, None, detail))
+    return results
+
+
+# --- the suite ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-// Fused toroidal attention for the CPU (float32): forward and backward, compiled on first use by
-// toroidal/kernels/native.py with -DWIDTH=<platter width, a multiple of 16>.
+// Fused toroidal attention for the CPU: forward and backward, compiled on first use by
+// toroidal/kernels/native.py with -DWIDTH=<platter width, a multiple of 16>, in float32, or with
+// -DTOROIDAL_DOUBLE in float64 (every value, softmax statistics included, a `scalar`).
 //
 // Layout: q, dq are (BH, Lq, WIDTH), k, v, dk, dv (BH, Lk, WIDTH), all contiguous; platter-token
 // t = position * depth + platter, and query row r sits at position q_offset + r / depth (q_offset
@@ -18,6 +19,7 @@
 // extensions compile to AVX-512, AVX2 or NEON by -march=native.
 
 #include <math.h>
+#include <cmath>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,33 +43,61 @@
 
 static_assert(LANES == 16 && WIDTH % LANES == 0, "WIDTH must be a multiple of 16");
 
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+#ifdef TOROIDAL_DOUBLE
+typedef double scalar;
+typedef int64_t lane_int;  // as wide as the scalar: exponent bits and conversions
+#else
+typedef float scalar;
+typedef int32_t lane_int;
+#endif
+typedef scalar vec __attribute__((vector_size(LANES * sizeof(scalar))));
+typedef lane_int ivec __attribute__((vector_size(LANES * sizeof(lane_int))));
 
 // Spelled out: `vec{} + x` would add 0.0 (not an identity for -0.0), one more instruction per use.
-static inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vec splat(scalar x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vec vmax(vec a, vec b) { return a > b ? a : b; }
 static inline vec vmin(vec a, vec b) { return a < b ? a : b; }
 static inline vec vabs(vec a) { return a < 0 ? -a : a; }
-static inline vec load(const float* p) { vec x; memcpy(&x, p, sizeof x); return x; }
-static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
+static inline vec load(const scalar* p) { vec x; memcpy(&x, p, sizeof x); return x; }
+static inline void store(scalar* p, vec x) { memcpy(p, &x, sizeof x); }
 static inline vec truncated(vec x) { return __builtin_convertvector(__builtin_convertvector(x, ivec), vec); }
 
-static inline float hmax(vec a) {
-    float m = a[0];
+static inline scalar hmax(vec a) {
+    scalar m = a[0];
     for (int i = 1; i < LANES; i++) m = a[i] > m ? a[i] : m;
     return m;
 }
 
-static inline float hsum(vec a) {
-    float s = 0.f;
+static inline scalar hsum(vec a) {
+    scalar s = 0.f;
     for (int i = 0; i < LANES; i++) s += a[i];
     return s;
 }
 
 // exp(x) for x <= 0 (scores minus their running max or log-sum-exp): 2^n * e^r with
-// |r| <= ln(2)/2, a degree-6 Taylor polynomial for e^r (relative error ~2e-7), 2^n from the
-// exponent bits. Below -87 the result is clamped near FLT_MIN; masked scores are zeroed by the caller.
+// |r| <= ln(2)/2, a Taylor polynomial for e^r (float: degree 6, relative error ~2e-7; double:
+// degree 13, ~1e-16), 2^n from the exponent bits. Below -87 (double: -708) the result is clamped
+// near the smallest normal number; masked scores are zeroed by the caller.
+#ifdef TOROIDAL_DOUBLE
+static inline vec exp_nonpositive(vec x) {
+    x = vmax(x, splat(-708.0));
+    vec n = x * splat(1.4426950408889634074) + splat(0.5);
+    vec whole = truncated(n);                        // rounds toward 0
+    whole = whole > n ? whole - splat(1.0) : whole;  // floor
+    vec r = x - whole * splat(6.93147180369123816490e-01) - whole * splat(1.90821492927058770002e-10);
+    vec p = splat(1.0 / 6227020800.0);  // 1/13!
+    static const double inverse_factorials[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                                1.0 / 362880.0,    1.0 / 40320.0,    1.0 / 5040.0,
+                                                1.0 / 720.0,       1.0 / 120.0,      1.0 / 24.0,
+                                                1.0 / 6.0,         0.5,              1.0,
+                                                1.0};
+    for (double c : inverse_factorials) p = p * r + splat(c);
+    ivec bits = (__builtin_convertvector(whole, ivec) + 1023) << 52;
+    vec two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+#else
 static inline vec exp_nonpositive(vec x) {
     x = vmax(x, splat(-87.0f));
     vec n = x * splat(1.44269504088896341f) + splat(0.5f);
@@ -86,10 +116,11 @@ static inline vec exp_nonpositive(vec x) {
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
 }
+#endif
 
 struct Geometry {
     int64_t lq, lk, depth, heads, q_offset;  // heads per batch entry: row h of BH is batch h / heads
-    float period, lam_p, lam_d, window, scale;  // window < 0: none
+    scalar period, lam_p, lam_d, window, scale;  // window < 0: none
     int causal;
 };
 
@@ -105,7 +136,7 @@ struct Rules {
 // Biased score of one query row (position fi, platter fk) against 16 keys (positions j, platters l),
 // or -inf where a rule rejects the key. Rejected keys carry position +inf.
 template <bool WRAP>
-static inline vec biased(vec dot, float fi, float fk, vec j, vec l, const Rules& c) {
+static inline vec biased(vec dot, scalar fi, scalar fk, vec j, vec l, const Rules& c) {
     auto missing = j == c.rejected_pos;
     vec m = vabs(splat(fi) - j);
     if (WRAP) {  // |i - j| can reach P: reduce it (missing keys get 0 so the conversion stays in range)
@@ -123,51 +154,51 @@ static inline vec biased(vec dot, float fi, float fk, vec j, vec l, const Rules&
 }
 
 // Can any query at positions [q0, q1] see any key at positions [k0, k1]? False only when certain.
-static bool visible(const Geometry& g, float q0, float q1, float k0, float k1) {
+static bool visible(const Geometry& g, scalar q0, scalar q1, scalar k0, scalar k1) {
     if (g.causal && k0 > q1) return false;
     if (g.window < 0) return true;
     // Distances |i - j| between the ranges (i >= j only, under the causal rule).
-    float lo = g.causal ? fmaxf(0.f, q0 - k1) : fmaxf(0.f, fmaxf(k0 - q1, q0 - k1));
-    float hi = g.causal ? q1 - k0 : fmaxf(q1 - k0, k1 - q0);
+    scalar lo = g.causal ? std::fmax(0.f, q0 - k1) : std::fmax(0.f, std::fmax(k0 - q1, q0 - k1));
+    scalar hi = g.causal ? q1 - k0 : std::fmax(q1 - k0, k1 - q0);
     if (hi >= g.period) return true;  // they wrap: no cheap bound
-    return fminf(lo, g.period - hi) <= g.window;
+    return std::fmin(lo, g.period - hi) <= g.window;
 }
 
-static inline float query_pos(const Geometry& g, int64_t row) { return (float)(g.q_offset + row / g.depth); }
+static inline scalar query_pos(const Geometry& g, int64_t row) { return (scalar)(g.q_offset + row / g.depth); }
 
 // Per key block: K transposed (WIDTH x KB), each key's position and platter; keys past the block's
 // end or padded get position +inf, which every rule rejects. With vt, V transposed as well.
-static void load_keys(const float* kh, const float* vh, const uint8_t* keep, const Geometry& g, int64_t t0,
-                      int64_t nt, float* kt, float* vt, float* pos, float* platter) {
+static void load_keys(const scalar* kh, const scalar* vh, const uint8_t* keep, const Geometry& g, int64_t t0,
+                      int64_t nt, scalar* kt, scalar* vt, scalar* pos, scalar* platter) {
     int64_t padded = (nt + LANES - 1) / LANES * LANES;
     for (int64_t t = 0; t < padded; t++) {
         int real = t < nt && (keep == nullptr || keep[t0 + t]);
         for (int d = 0; d < WIDTH; d++) kt[d * KB + t] = t < nt ? kh[(t0 + t) * WIDTH + d] : 0.f;
         if (vt)
             for (int d = 0; d < WIDTH; d++) vt[d * KB + t] = t < nt ? vh[(t0 + t) * WIDTH + d] : 0.f;
-        pos[t] = real ? (float)((t0 + t) / g.depth) : INFINITY;
-        platter[t] = (float)((t0 + t) % g.depth);
+        pos[t] = real ? (scalar)((t0 + t) / g.depth) : INFINITY;
+        platter[t] = (scalar)((t0 + t) % g.depth);
     }
 }
 
 // R query rows starting at r (spare rows repeat the last real one): scaled q, positions, platters.
-static int load_rows(const float* qh, const Geometry& g, int64_t r, int64_t r_end, float (*qs)[WIDTH],
-                     float* fi, float* fk, int64_t* row) {
+static int load_rows(const scalar* qh, const Geometry& g, int64_t r, int64_t r_end, scalar (*qs)[WIDTH],
+                     scalar* fi, scalar* fk, int64_t* row) {
     for (int a = 0; a < R; a++) {
         row[a] = r + a < r_end ? r + a : r_end - 1;
         for (int d = 0; d < WIDTH; d++) qs[a][d] = qh[row[a] * WIDTH + d] * g.scale;
         fi[a] = query_pos(g, row[a]);
-        fk[a] = (float)(row[a] % g.depth);
+        fk[a] = (scalar)(row[a] % g.depth);
     }
     return r_end - r < R ? (int)(r_end - r) : R;
 }
 
 // Scores of R rows against the key block, biased and masked, into s (R x KB); returns maxima.
 template <bool WRAP>
-static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float* fi, const float* fk,
-                              const float* __restrict__ kt, const float* __restrict__ pos,
-                              const float* __restrict__ platter, int64_t padded, const Rules& c,
-                              float* __restrict__ s, float* __restrict__ row_max) {
+static inline void score_rows(const scalar (*__restrict__ qs)[WIDTH], const scalar* fi, const scalar* fk,
+                              const scalar* __restrict__ kt, const scalar* __restrict__ pos,
+                              const scalar* __restrict__ platter, int64_t padded, const Rules& c,
+                              scalar* __restrict__ s, scalar* __restrict__ row_max) {
     vec best[R];
     for (int a = 0; a < R; a++) best[a] = c.minus_inf;
     for (int64_t t = 0; t < padded; t += LANES) {
@@ -188,7 +219,7 @@ static inline void score_rows(const float (*__restrict__ qs)[WIDTH], const float
 }
 
 // o[a] += sum over the block's nt keys of w[a][t] * x[t] (x: the block's rows of v or k).
-static inline void weighted_rows(const float* __restrict__ w, const float* __restrict__ x, int64_t nt,
+static inline void weighted_rows(const scalar* __restrict__ w, const scalar* __restrict__ x, int64_t nt,
                                  vec (*o)[NV]) {
     for (int64_t t = 0; t < nt; t++) {
         vec xt[NV];
@@ -233,15 +264,15 @@ static void run_tasks(int64_t n_tasks, int threads, std::function<void(int64_t)>
 // One task's buffers, 64-byte aligned: transposed keys and values, scores, key positions and
 // platters, and (backward) the key block's dk and dv, transposed.
 struct Scratch {
-    float *kt, *vt, *s, *ds, *pos, *platter, *dkt, *dvt;
+    scalar *kt, *vt, *s, *ds, *pos, *platter, *dkt, *dvt;
     Scratch() {
         kt = alloc(WIDTH * KB), vt = alloc(WIDTH * KB), s = alloc(R * KB), ds = alloc(R * KB);
         pos = alloc(KB), platter = alloc(KB), dkt = alloc(WIDTH * KB), dvt = alloc(WIDTH * KB);
     }
     ~Scratch() {
-        for (float* p : {kt, vt, s, ds, pos, platter, dkt, dvt}) free(p);
+        for (scalar* p : {kt, vt, s, ds, pos, platter, dkt, dvt}) free(p);
     }
-    static float* alloc(int64_t n) { return (float*)aligned_alloc(64, sizeof(float) * n); }
+    static scalar* alloc(int64_t n) { return (scalar*)aligned_alloc(64, sizeof(scalar) * n); }
 };
 
 // The last key (exclusive) any of rows [r0, r1) may see under the causal rule.
@@ -251,42 +282,42 @@ static int64_t causal_end(const Geometry& g, int64_t r1) {
 }
 
 template <bool WRAP>
-static void forward(const float* q, const float* k, const float* v, const uint8_t* keep, float* out, float* lse,
+static void forward(const scalar* q, const scalar* k, const scalar* v, const uint8_t* keep, scalar* out, scalar* lse,
                     int64_t bh, const Geometry& g, int threads) {
     const Rules c(g);
     const int64_t n_blocks = (g.lq + QB - 1) / QB;
     run_tasks(bh * n_blocks, threads, [&](int64_t task) {
         Scratch scratch;
         int64_t h = task / n_blocks, block = n_blocks - 1 - task % n_blocks;  // long rows first
-        const float* qh = q + h * g.lq * WIDTH;
-        const float* kh = k + h * g.lk * WIDTH;
-        const float* vh = v + h * g.lk * WIDTH;
+        const scalar* qh = q + h * g.lq * WIDTH;
+        const scalar* kh = k + h * g.lk * WIDTH;
+        const scalar* vh = v + h * g.lk * WIDTH;
         const uint8_t* keep_b = keep ? keep + (h / g.heads) * g.lk : nullptr;
         int64_t r0 = block * QB, r1 = r0 + QB < g.lq ? r0 + QB : g.lq, rows = r1 - r0;
         int64_t t_end = causal_end(g, r1);
         vec acc[QB][NV];
-        float run_max[QB], run_sum[QB];
+        scalar run_max[QB], run_sum[QB];
         for (int64_t r = 0; r < rows; r++) {
             run_max[r] = -INFINITY;
             run_sum[r] = 0.f;
             for (int x = 0; x < NV; x++) acc[r][x] = splat(0.f);
         }
-        float* s = scratch.s;
+        scalar* s = scratch.s;
         for (int64_t t0 = 0; t0 < t_end; t0 += KB) {
             int64_t nt = t_end - t0 < KB ? t_end - t0 : KB;
             int64_t padded = (nt + LANES - 1) / LANES * LANES;
-            float k0 = (float)(t0 / g.depth), k1 = (float)((t0 + nt - 1) / g.depth);
+            scalar k0 = (scalar)(t0 / g.depth), k1 = (scalar)((t0 + nt - 1) / g.depth);
             if (!visible(g, query_pos(g, r0), query_pos(g, r1 - 1), k0, k1)) continue;
             load_keys(kh, nullptr, keep_b, g, t0, nt, scratch.kt, nullptr, scratch.pos, scratch.platter);
             for (int64_t r = 0; r < rows; r += R) {
-                float qs[R][WIDTH] __attribute__((aligned(64)));
-                float fi[R], fk[R], row_max[R], corr[R];
+                scalar qs[R][WIDTH] __attribute__((aligned(64)));
+                scalar fi[R], fk[R], row_max[R], corr[R];
                 int64_t row[R];
                 int live = load_rows(qh, g, r0 + r, r1, qs, fi, fk, row);
                 score_rows<WRAP>(qs, fi, fk, scratch.kt, scratch.pos, scratch.platter, padded, c, s, row_max);
                 for (int a = 0; a < R; a++) {
                     int64_t ra = row[a] - r0;
-                    float top = row_max[a] > run_max[ra] ? row_max[a] : run_max[ra];
+                    scalar top = row_max[a] > run_max[ra] ? row_max[a] : run_max[ra];
                     vec shift = splat(top == -INFINITY ? 0.f : top);
                     vec total = splat(0.f);
                     for (int64_t t = 0; t < padded; t += LANES) {
@@ -296,7 +327,7 @@ static void forward(const float* q, const float* k, const float* v, const uint8_
                         store(s + a * KB + t, p);
                         total += p;
                     }
-                    corr[a] = run_max[ra] == -INFINITY ? 0.f : expf(run_max[ra] - top);
+                    corr[a] = run_max[ra] == -INFINITY ? 0.f : std::exp(run_max[ra] - top);
                     if (a < live) {
                         run_sum[ra] = run_sum[ra] * corr[a] + hsum(total);
                         run_max[ra] = top;
@@ -311,9 +342,9 @@ static void forward(const float* q, const float* k, const float* v, const uint8_
             }
         }
         for (int64_t r = 0; r < rows; r++) {
-            float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;  // rows with no key: zeros
+            scalar inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;  // rows with no key: zeros
             for (int x = 0; x < NV; x++) store(out + (h * g.lq + r0 + r) * WIDTH + x * LANES, acc[r][x] * splat(inv));
-            lse[h * g.lq + r0 + r] = run_sum[r] > 0.f ? run_max[r] + logf(run_sum[r]) : -INFINITY;
+            lse[h * g.lq + r0 + r] = run_sum[r] > 0.f ? run_max[r] + std::log(run_sum[r]) : -INFINITY;
         }
     });
 }
@@ -321,19 +352,19 @@ static void forward(const float* q, const float* k, const float* v, const uint8_
 // Flash attention's backward for one key block against rows [r0, r1): p = exp(s - lse),
 // dp = do . v, ds = p (dp - delta); dv += p^T do, dk += ds^T (scale q), dq += scale ds k.
 template <bool WRAP>
-static void backward_block(const float* qh, const float* kh, const float* doh, const float* lse_h,
-                           const float* delta_h, float* dqh, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
+static void backward_block(const scalar* qh, const scalar* kh, const scalar* doh, const scalar* lse_h,
+                           const scalar* delta_h, scalar* dqh, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
                            const Geometry& g, const Rules& c, Scratch& sc) {
-    float *dkt = sc.dkt, *dvt = sc.dvt;
+    scalar *dkt = sc.dkt, *dvt = sc.dvt;
     int64_t padded = (nt + LANES - 1) / LANES * LANES;
-    float k0 = (float)(t0 / g.depth), k1 = (float)((t0 + nt - 1) / g.depth);
+    scalar k0 = (scalar)(t0 / g.depth), k1 = (scalar)((t0 + nt - 1) / g.depth);
     for (int64_t b0 = r0; b0 < r1; b0 += QB) {
         int64_t b1 = b0 + QB < r1 ? b0 + QB : r1;
         if (!visible(g, query_pos(g, b0), query_pos(g, b1 - 1), k0, k1)) continue;
         for (int64_t r = b0; r < b1; r += R) {
-            float qs[R][WIDTH] __attribute__((aligned(64)));
-            float dos[R][WIDTH] __attribute__((aligned(64)));
-            float fi[R], fk[R], row_lse[R], row_delta[R];
+            scalar qs[R][WIDTH] __attribute__((aligned(64)));
+            scalar dos[R][WIDTH] __attribute__((aligned(64)));
+            scalar fi[R], fk[R], row_lse[R], row_delta[R];
             int64_t row[R];
             int live = load_rows(qh, g, r, b1, qs, fi, fk, row);
             for (int a = 0; a < R; a++) {
@@ -377,7 +408,7 @@ static void backward_block(const float* qh, const float* kh, const float* doh, c
             weighted_rows(sc.ds, kh + t0 * WIDTH, nt, o);
             for (int a = 0; a < live; a++)
                 for (int x = 0; x < NV; x++) {
-                    float* dst = dqh + row[a] * WIDTH + x * LANES;
+                    scalar* dst = dqh + row[a] * WIDTH + x * LANES;
                     store(dst, load(dst) + o[a][x] * splat(g.scale));
                 }
         }
@@ -385,24 +416,24 @@ static void backward_block(const float* qh, const float* kh, const float* doh, c
 }
 
 template <bool WRAP>
-static void backward(const float* q, const float* k, const float* v, const uint8_t* keep, const float* dout,
-                     const float* lse, const float* delta, float* dq_parts, float* dk, float* dv, int64_t bh,
+static void backward(const scalar* q, const scalar* k, const scalar* v, const uint8_t* keep, const scalar* dout,
+                     const scalar* lse, const scalar* delta, scalar* dq_parts, scalar* dk, scalar* dv, int64_t bh,
                      int64_t chunks, const Geometry& g, int threads) {
     const Rules c(g);
     const int64_t n_kblocks = (g.lk + KB - 1) / KB;
     run_tasks(bh * chunks, threads, [&](int64_t task) {
         Scratch scratch;
-        float *dkt = scratch.dkt, *dvt = scratch.dvt;
+        scalar *dkt = scratch.dkt, *dvt = scratch.dvt;
         int64_t h = task / chunks, chunk = task % chunks;
-        const float* kh = k + h * g.lk * WIDTH;
-        float* dqh = dq_parts + (h * chunks + chunk) * g.lq * WIDTH;
+        const scalar* kh = k + h * g.lk * WIDTH;
+        scalar* dqh = dq_parts + (h * chunks + chunk) * g.lq * WIDTH;
         const uint8_t* keep_b = keep ? keep + (h / g.heads) * g.lk : nullptr;
         for (int64_t kb = chunk; kb < n_kblocks; kb += chunks) {  // interleaved: causal work evens out
             int64_t t0 = kb * KB, nt = g.lk - t0 < KB ? g.lk - t0 : KB;
             load_keys(kh, v + h * g.lk * WIDTH, keep_b, g, t0, nt, scratch.kt, scratch.vt, scratch.pos,
                       scratch.platter);
-            memset(dkt, 0, sizeof(float) * WIDTH * KB);
-            memset(dvt, 0, sizeof(float) * WIDTH * KB);
+            memset(dkt, 0, sizeof(scalar) * WIDTH * KB);
+            memset(dvt, 0, sizeof(scalar) * WIDTH * KB);
             // Causal: rows at positions before the block's first key see none of it.
             int64_t first = (t0 / g.depth - g.q_offset) * g.depth;
             int64_t r0 = g.causal && first > 0 ? first : 0;
@@ -419,9 +450,9 @@ static void backward(const float* q, const float* k, const float* v, const uint8
 }
 
 static Geometry geometry(int64_t lq, int64_t lk, int64_t depth, int64_t heads, int64_t q_offset, int64_t period,
-                         float lam, int causal, int64_t window, float scale) {
-    return Geometry{lq, lk, depth, heads, q_offset, (float)period, lam / (float)period, lam / (float)depth,
-                    window < 0 ? -1.f : (float)window, scale, causal};
+                         scalar lam, int causal, int64_t window, scalar scale) {
+    return Geometry{lq, lk, depth, heads, q_offset, (scalar)period, lam / (scalar)period, lam / (scalar)depth,
+                    window < 0 ? -1.f : (scalar)window, scale, causal};
 }
 
 // Does some |i - j| reach the period? Query positions run to q_offset + lq/depth - 1, keys from 0.
@@ -431,10 +462,10 @@ static bool wraps(const Geometry& g) {
     return (reach > key_reach ? reach : key_reach) >= (int64_t)g.period;
 }
 
-extern "C" void torus_forward(const float* q, const float* k, const float* v, const uint8_t* keep, float* out,
-                              float* lse, int64_t bh, int64_t lq, int64_t lk, int64_t depth, int64_t heads,
-                              int64_t q_offset, int64_t period, float lam, int causal, int64_t window,
-                              float scale, int threads) {
+extern "C" void torus_forward(const scalar* q, const scalar* k, const scalar* v, const uint8_t* keep, scalar* out,
+                              scalar* lse, int64_t bh, int64_t lq, int64_t lk, int64_t depth, int64_t heads,
+                              int64_t q_offset, int64_t period, scalar lam, int causal, int64_t window,
+                              scalar scale, int threads) {
     Geometry g = geometry(lq, lk, depth, heads, q_offset, period, lam, causal, window, scale);
     if (wraps(g))
         forward<true>(q, k, v, keep, out, lse, bh, g, threads);
@@ -442,11 +473,11 @@ extern "C" void torus_forward(const float* q, const float* k, const float* v, co
         forward<false>(q, k, v, keep, out, lse, bh, g, threads);
 }
 
-extern "C" void torus_backward(const float* q, const float* k, const float* v, const uint8_t* keep,
-                               const float* dout, const float* lse, const float* delta, float* dq_parts,
-                               float* dk, float* dv, int64_t chunks, int64_t bh, int64_t lq, int64_t lk,
-                               int64_t depth, int64_t heads, int64_t q_offset, int64_t period, float lam,
-                               int causal, int64_t window, float scale, int threads) {
+extern "C" void torus_backward(const scalar* q, const scalar* k, const scalar* v, const uint8_t* keep,
+                               const scalar* dout, const scalar* lse, const scalar* delta, scalar* dq_parts,
+                               scalar* dk, scalar* dv, int64_t chunks, int64_t bh, int64_t lq, int64_t lk,
+                               int64_t depth, int64_t heads, int64_t q_offset, int64_t period, scalar lam,
+                               int causal, int64_t window, scalar scale, int threads) {
     Geometry g = geometry(lq, lk, depth, heads, q_offset, period, lam, causal, window, scale);
     if (wraps(g))
         backward<true>(q, k, v, keep, dout, lse, delta, dq_parts, dk, dv, bh, chunks, g, threads);
