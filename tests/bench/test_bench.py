@@ -356,8 +356,9 @@ def _die_by_sigkill():
 
 @pytest.mark.skipif(not bench.can_isolate(), reason="isolation needs Linux")
 def test_fork_worker_returns_results_and_reports_failures(monkeypatch):
-    # The worker imports this module to run `_die_by_sigkill`.
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    # The worker imports this module (and the helpers it imports) to run `_die_by_sigkill`.
+    here = Path(__file__).parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), str(here.parent)]))
     torch.randn(1 << 20).exp_()  # OpenMP used here first: the worker's forks must still work
     with ForkWorker() as worker:
         assert worker.call(dict, n=1) == {"n": 1}
