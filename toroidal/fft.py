@@ -13,7 +13,8 @@ normalized over every allowed, unpadded key (j, l) of the row (a softmax over (j
 is a sum of D x D convolutions along positions, computed with `torch.fft`:
 
 - delta and allowed are the one definition in `toroidal.geometry` (ring distance with period P,
-  causal, circular window), evaluated at offsets: both depend on positions only through i - j.
+  causal, circular window, a host's sliding window), evaluated at offsets: both depend on
+  positions only through i - j.
 - theta: learned logits per (head, platter pair) over `2 * buckets` offset buckets: `buckets`
   for keys behind the query on the ring's short way round, `buckets` for keys ahead. The first
   buckets // 2 ring distances get a bucket each, the rest log-spaced up to P / 2, so the
@@ -22,10 +23,10 @@ is a sum of D x D convolutions along positions, computed with `torch.fft`:
 - c (optional, `content=True`, bidirectional only): scale * <mean_i q[i, k], mean_j k[j, l]>,
   pooled over the real positions of the sequence. It is constant over the call, so the
   weights stay circulant; pooling would leak future tokens, so causal calls refuse it.
-- Bidirectional with P dividing N and no padding: a_kl(d) depends on d mod N, the weights
-  are circulant and one circular FFT of length N computes them exactly. Otherwise (causal, or
-  P not dividing N, or padding): the weights are Toeplitz (they depend on d itself), computed
-  as a zero-padded linear convolution of FFT length >= 2N - 1. The normalizer Z is the same
+- Bidirectional with P dividing N, no padding and no sliding window: a_kl(d) depends on d mod N,
+  the weights are circulant and one circular FFT of length N computes them exactly. Otherwise
+  the weights are Toeplitz (they depend on d itself), computed as a zero-padded linear
+  convolution of FFT length >= 2N - 1. The normalizer Z is the same
   convolution applied to the padding mask (ones without padding), so it is exact per row;
   rows with no real key in reach give zeros.
 
@@ -41,7 +42,7 @@ import math
 import torch
 from torch import nn
 
-from toroidal.geometry import position_allowed, toroidal_distance
+from toroidal.geometry import position_allowed, sliding_window_that_bites, toroidal_distance
 
 DEFAULT_BUCKETS = 16
 
@@ -63,9 +64,13 @@ def offset_buckets(offsets: torch.Tensor, period: int, buckets: int) -> torch.Te
     return index + buckets * (signed < 0).long()
 
 
-def convolution_plan(n: int, period: int, causal: bool, padded: bool) -> tuple[str, int]:
-    """("circular", N) when the weights are circulant over the N positions, else ("linear", FFT length)."""
-    if not causal and not padded and n % period == 0:
+def convolution_plan(
+    n: int, period: int, causal: bool, padded: bool, sliding_window: int | None = None
+) -> tuple[str, int]:
+    """("circular", N) when the weights are circulant over the N positions, else ("linear", FFT length).
+
+    `sliding_window`: one that bites (a linear window is not circulant)."""
+    if not causal and not padded and sliding_window is None and n % period == 0:
         return "circular", n
     return "linear", _smooth_length(2 * n - 1)
 
@@ -176,6 +181,7 @@ def fft_toroidal_mixing(
     offset_logits: torch.Tensor | None = None,
     content: bool = False,
     q_offset: int = 0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The FFT approximation (module docstring) on per-head tensors, in O(N log N).
 
@@ -191,13 +197,14 @@ def fft_toroidal_mixing(
     if k.shape[1] != h:
         k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
     dtype = _compute_dtype(v)
-    plan, length = convolution_plan(n, period, causal, key_padding_mask is not None)
+    sliding_window = sliding_window_that_bites(sliding_window, n_q, n, q_offset, causal)
+    plan, length = convolution_plan(n, period, causal, key_padding_mask is not None, sliding_window)
     offsets, held = _offsets(plan, length, n, v.device)
     scores = _torus_scores(
         offsets, depth=depth, lambda_distance=lambda_distance, period=period, offset_logits=offset_logits,
         dtype=dtype,
     )  # fmt: skip
-    allowed = held & position_allowed(offsets, 0, causal, window, period)
+    allowed = held & position_allowed(offsets, 0, causal, window, period, sliding_window)
     scores = scores.masked_fill(~allowed, float("-inf"))
     # Any per-(head, query platter) constant cancels in the normalization: subtract the max.
     kernel = torch.exp(scores - scores.amax(dim=(-2, -1), keepdim=True).detach())
@@ -254,6 +261,7 @@ def materialized_circulant(
     offset_logits: torch.Tensor | None = None,
     content: bool = False,
     q_offset: int = 0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The weights `fft_toroidal_mixing` applies, as a dense (B, H, N_q*D, N_k*D) matrix.
 
@@ -285,7 +293,8 @@ def materialized_circulant(
         scale = scale if scale is not None else (e // depth) ** -0.5
         logits = _content_logits(q, k, key_padding_mask, depth, scale, dtype)  # (B, H, D, D)
         scores = scores + logits[:, :, None, :, None, :]
-    allowed = position_allowed(i, j, causal, window, period)[None, None]  # (1, 1, N_q, 1, N_k, 1)
+    allowed = position_allowed(i, j, causal, window, period, sliding_window)
+    allowed = allowed[None, None]  # (1, 1, N_q, 1, N_k, 1)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.to(torch.bool)[:, None, None, None, :, None]
     shape = (b, h, n_q, depth, n, depth)
@@ -317,13 +326,14 @@ class FFTToroidalMixing(nn.Module):
     def forward(
         self, q, k, v, *, depth, lambda_distance=0.0, period=None, causal=False, window=None,
         key_padding_mask=None, scale=None, backend=None, q_offset=0, return_weights=False, always_tuple=False,
+        sliding_window=None,
     ):  # fmt: skip
         if depth != self.depth:
             raise ValueError(f"fft mixing was built for depth {self.depth}, called with depth {depth}")
         torus = dict(
             depth=depth, lambda_distance=lambda_distance, period=period, causal=causal, window=window,
             key_padding_mask=key_padding_mask, scale=scale, offset_logits=self.offset_logits,
-            content=self.content, q_offset=q_offset,
+            content=self.content, q_offset=q_offset, sliding_window=sliding_window,
         )  # fmt: skip
         out = fft_toroidal_mixing(q, k, v, **torus)
         if not (return_weights or always_tuple):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toroidal.geometry import TorusGeometry, expand_key_padding
+from toroidal.geometry import TorusGeometry, expand_key_padding, sliding_window_that_bites
 from toroidal.kernels import KernelRequest, resolve_backend
 
 
@@ -57,7 +57,7 @@ class PlannedCall:
 
 def plan_call(
     q, k, v, *, depth, lambda_distance=0.0, period=None, causal=False, window=None,
-    key_padding_mask=None, scale=None, q_offset=0, return_weights=False,
+    key_padding_mask=None, scale=None, q_offset=0, return_weights=False, sliding_window=None,
 ) -> PlannedCall:  # fmt: skip
     """Check inputs and turn per-head tensors into a kernel call (see `toroidal_attention`)."""
     _check_inputs(q, k, v, depth, key_padding_mask)
@@ -71,6 +71,8 @@ def plan_call(
         causal=causal,
         window=window,
         q_offset=q_offset,
+        # Only where it bites: otherwise the call is the same call (backends, caches, tuning).
+        sliding_window=sliding_window_that_bites(sliding_window, q.shape[2], k.shape[2], q_offset, causal),
     )
     qp, kp, vp = (to_platters(t, depth) for t in (q, k, v))
     padding = expand_key_padding(key_padding_mask, depth)
@@ -120,6 +122,7 @@ def toroidal_attention(
     q_offset: int = 0,
     return_weights: bool = False,
     always_tuple: bool = False,
+    sliding_window: int | None = None,
 ):
     """Toroidal attention on per-head tensors.
 
@@ -127,6 +130,8 @@ def toroidal_attention(
     queries). Each head is split into `depth` platters of width e/D that attend on
     the torus. `key_padding_mask` is (B, N_k), True for real tokens; `period=None`
     means P = N_k; `q_offset` is the position of the first query (KV-cache decoding).
+    `sliding_window` W: a host model's linear key window on top of the torus, |i - j| < W
+    (Mistral's convention: a causal query sees itself and W - 1 keys before it).
 
     Returns (B, H, N_q, e), or (output, weights) with weights (B, H, N_q*D, N_k*D)
     when `return_weights` is True (only backends that materialize scores can), or
@@ -135,6 +140,7 @@ def toroidal_attention(
     call = plan_call(
         q, k, v, depth=depth, lambda_distance=lambda_distance, period=period, causal=causal, window=window,
         key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset, return_weights=return_weights,
+        sliding_window=sliding_window,
     )  # fmt: skip
     kernel = resolve_backend(backend, call.request)
     out, weights = kernel.forward(

@@ -24,22 +24,40 @@ def toroidal_distance(i, k, j, l, period: int, depth: int):
     return ring_distance(i, j, period) / period + abs(k - l) / depth
 
 
-def position_allowed(i, j, causal: bool, window: int | None, period: int):
+def position_allowed(i, j, causal: bool, window: int | None, period: int, sliding_window: int | None = None):
     """Whether a query at position i may attend a key at position j (before padding).
 
     Causal: j <= i (all platters of a past or present position). Circular window w:
     ring(i, j) <= w, which with causal keeps the recent past and the ring's seam.
+    Sliding window W (a host model's, linear, no seam): |i - j| < W.
     Returns a bool tensor for tensor inputs, a bool for ints.
     """
     ok = (j <= i) if causal else None
     if window is not None:
         near = ring_distance(i, j, period) <= window
         ok = near if ok is None else ok & near
+    if sliding_window is not None:
+        near = abs(i - j) < sliding_window
+        ok = near if ok is None else ok & near
     if ok is None:
         if isinstance(i, torch.Tensor) or isinstance(j, torch.Tensor):
             return torch.ones_like(i - j, dtype=torch.bool)
         return True
     return ok
+
+
+def sliding_window_that_bites(
+    sliding_window: int | None, n_queries: int, n_keys: int, q_offset: int, causal: bool
+) -> int | None:
+    """`sliding_window` where it removes some pair of this call (|i - j| >= W for some pair), else None."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
+    reach = q_offset + n_queries - 1  # the last query against key 0
+    if not causal:
+        reach = max(reach, n_keys - 1 - q_offset)  # the first query against the last key
+    return sliding_window if reach >= sliding_window else None
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,8 @@ class TorusGeometry:
     """Bias and mask rules of one attention call, in platter-token indices.
 
     `q_offset` is the position of the first query: 0 for a full forward pass,
-    the number of cached positions when decoding with a KV cache.
+    the number of cached positions when decoding with a KV cache. `sliding_window` W is a
+    host model's linear key window on top of the torus: |i - j| < W (see `position_allowed`).
     """
 
     depth: int
@@ -66,12 +85,15 @@ class TorusGeometry:
     causal: bool
     window: int | None = None
     q_offset: int = 0
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.period < 1:
             raise ValueError(
                 f"TorusGeometry needs depth >= 1 and period >= 1, got {self.depth}, {self.period}"
             )
+        if self.sliding_window is not None and not self.sliding_window >= 1:
+            raise ValueError(f"TorusGeometry needs sliding_window >= 1, got {self.sliding_window}")
 
     # index -> (position, platter)
     def query_position(self, q_idx):
@@ -89,12 +111,13 @@ class TorusGeometry:
     def allowed(self, q_idx, kv_idx):
         """Causal and window rule for platter-token indices (padding handled separately)."""
         return position_allowed(
-            self.query_position(q_idx), self.key_position(kv_idx), self.causal, self.window, self.period
-        )
+            self.query_position(q_idx), self.key_position(kv_idx), self.causal, self.window, self.period,
+            self.sliding_window,
+        )  # fmt: skip
 
     @property
     def has_mask(self) -> bool:
-        return self.causal or self.window is not None
+        return self.causal or self.window is not None or self.sliding_window is not None
 
     def block(self, q_start: int, q_stop: int, k_start: int, k_stop: int, device=None, dtype=torch.float32):
         """Materialized (bias, allowed bool) of shape (q_stop-q_start, k_stop-k_start).
@@ -113,14 +136,14 @@ class TorusGeometry:
         i = self.q_offset + torch.arange(n_queries, device=device).unsqueeze(1)
         j = torch.arange(n_keys, device=device).unsqueeze(0)
         return torch.as_tensor(
-            position_allowed(i, j, self.causal, self.window, self.period), device=device
+            position_allowed(i, j, self.causal, self.window, self.period, self.sliding_window), device=device
         ).expand(n_queries, n_keys)
 
     def linear_segments(self, n_queries: int, n_keys: int, limit: int) -> list[RingSegment] | None:
         """The allowed position pairs cut into bands of m = i - j where the ring distance is linear.
 
         With m = a*P + r (0 <= r < P), ring = r on the near half (r <= P // 2) and P - r on
-        the far half; the causal rule and the window are intervals of m inside each half, so
+        the far half; the causal rule and the windows are intervals of m inside each half, so
         the bands cover exactly the pairs `allowed` keeps. None if more than `limit` bands.
         """
         period, half = self.period, self.period // 2
@@ -128,6 +151,8 @@ class TorusGeometry:
         hi = self.q_offset + n_queries - 1
         if self.causal:
             lo = max(lo, 0)
+        if self.sliding_window is not None:  # |i - j| < W: an interval of m too
+            lo, hi = max(lo, 1 - self.sliding_window), min(hi, self.sliding_window - 1)
         near_end, far_start = half, half + 1
         if self.window is not None:
             near_end, far_start = min(half, self.window), max(half + 1, period - self.window)
@@ -150,6 +175,8 @@ class TorusGeometry:
         j_max = n_keys - 1
         # Largest |i - j| over allowed pairs; wrap matters once it exceeds P / 2.
         span = i_max if self.causal else max(i_max, j_max - self.q_offset)
+        if self.sliding_window is not None:
+            span = min(span, self.sliding_window - 1)
         return 2 * span > self.period
 
     def score_mod(self):

@@ -144,6 +144,7 @@ BANDED = {
     "bidirectional": dict(causal=False, lambda_distance=0.7),  # four bands
     "window-seam": dict(causal=True, window=3, period=7, lambda_distance=0.3),
     "decoding": dict(causal=True, lambda_distance=0.2, q_offset=5),
+    "host-sliding-window": dict(causal=True, period=7, lambda_distance=0.4, sliding_window=6),
 }
 
 
@@ -162,6 +163,7 @@ def test_banded_path_matches_reference_values_and_gradients(case, monkeypatch):
         kwargs["causal"],
         kwargs.get("window"),
         kwargs.get("q_offset", 0),
+        kwargs.get("sliding_window"),
     )
     segments = geometry.linear_segments(n_queries, N, limit=4)
     assert segments is not None and len(segments) > 1

@@ -117,3 +117,23 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     exp = torch.exp(scores - row_max)
     total = exp.sum(dim=-1, keepdim=True)
     return exp / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def register_lse_autograd(forward_op, backward_op) -> None:
+    """Make the custom op `forward_op(q, k, v, keep, *geometry) -> (out, lse)` differentiable through
+    `backward_op(q, k, v, keep, out, lse, grad, *geometry) -> (dq, dk, dv)`: flash attention's rule,
+    which recomputes the probabilities from the output and the log-sum-exp."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, keep, *geometry = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, keep, out, lse)
+        ctx.geometry = geometry
+
+    def backward(ctx, grad, _grad_lse):
+        q, k, v, keep, out, lse = ctx.saved_tensors
+        grads = backward_op(q, k, v, keep, out, lse, grad.contiguous(), *ctx.geometry)
+        return (*grads, None, *(None for _ in ctx.geometry))  # keep and the geometry take none
+
+    forward_op.register_autograd(backward, setup_context=setup_context)

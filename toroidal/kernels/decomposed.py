@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from toroidal.kernels.base import Backend, compute_dtype, register
+from toroidal.kernels.base import Backend, compute_dtype, register, register_lse_autograd
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -405,21 +405,7 @@ def _decomposed_backward_fake(q, k, v, keep, out, lse, grad, *geometry):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, keep, *geometry = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, keep, out, lse)
-    ctx.geometry = geometry
-
-
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, keep, out, lse = ctx.saved_tensors
-    grads = torch.ops.toroidal.decomposed_backward.default(q, k, v, keep, out, lse, grad, *ctx.geometry)
-    return (*grads, None, None, None, None, None, None)
-
-
-decomposed_forward.register_autograd(_backward, setup_context=_setup_context)
+register_lse_autograd(decomposed_forward, torch.ops.toroidal.decomposed_backward.default)
 
 
 def backward(q, k, v, out, lse, depth, period, lam, causal, key_padding, scale, valid, grad):
@@ -467,6 +453,8 @@ class DecomposedBackend(Backend):
             return "decomposed does not materialize weights; use backend='reference'"
         if g.window is not None and 2 * g.window < g.period:
             return "decomposed does not support a circular window smaller than the half ring"
+        if g.sliding_window is not None:
+            return "decomposed does not take a host sliding window; use sdpa or blockwise"
         if g.q_offset or request.n_queries != request.n_keys:
             return "decomposed needs a full forward pass (no KV-cache query offset)"
         if g.period < request.n_keys:

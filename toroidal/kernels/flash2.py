@@ -275,8 +275,10 @@ class _TorusFlash(torch.autograd.Function):
 
 
 def _cuts_the_ring(geometry: TorusGeometry) -> bool:
-    """Whether the window removes anything (a ring distance never exceeds P // 2)."""
-    return geometry.window is not None and geometry.window < geometry.period // 2
+    """Whether a window removes anything (a ring distance never exceeds P // 2; a host's sliding
+    window is only set where it bites)."""
+    circular = geometry.window is not None and geometry.window < geometry.period // 2
+    return circular or geometry.sliding_window is not None
 
 
 def _is_masked(geometry: TorusGeometry) -> bool:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from toroidal.runtime.install import install_command
+
 _MIN_FLASH_VERSION = (2, 6)
 _MAX_HEAD_DIM = 256
 
@@ -148,7 +150,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def _load_flash_api() -> _FlashApi | str:
     """flash-attn's private forward/backward functions, or why they cannot be had (one line)."""
     if importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed (pip install 'toroidal[gpu]')"
+        return f"flash-attn is not installed ({install_command('gpu')})"
     try:
         package = importlib.import_module("flash_attn")
         interface = importlib.import_module("flash_attn.flash_attn_interface")

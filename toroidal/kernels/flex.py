@@ -95,6 +95,9 @@ def _traced(geometry: TorusGeometry, device) -> TorusGeometry:
         period=as_tensor(geometry.period, torch.int32),
         q_offset=as_tensor(geometry.q_offset, torch.int32),
         window=None if geometry.window is None else as_tensor(geometry.window, torch.int32),
+        sliding_window=(
+            None if geometry.sliding_window is None else as_tensor(geometry.sliding_window, torch.int32)
+        ),
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toroidal.kernels.base import Backend, BackendUnavailable, register
+from toroidal.kernels.base import Backend, BackendUnavailable, register, register_lse_autograd
 
 _SOURCE = Path(__file__).with_name("csrc") / "torus_cpu.cpp"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-pthread", "-fno-math-errno", "-shared", "-fPIC")
@@ -234,24 +234,10 @@ def _native_backward_fake(q, k, v, keep, out, lse, grad, *geometry):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, keep, *geometry = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, keep, out, lse)
-    ctx.geometry = geometry
-
-
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, keep, out, lse = ctx.saved_tensors
-    grads = _BACKWARD_OP(q, k, v, keep, out, lse, grad.contiguous(), *ctx.geometry)
-    return (*grads, None, None, None, None, None, None, None, None)
-
-
-native_forward.register_autograd(_backward, setup_context=_setup_context)
 # The overloads themselves: calling them skips the Python wrapper's checks (~20 us a call).
 _FORWARD_OP = torch.ops.toroidal.native_forward.default
 _BACKWARD_OP = torch.ops.toroidal.native_backward.default
+register_lse_autograd(native_forward, _BACKWARD_OP)
 
 
 def _dq_parts(rows: int, key_blocks: int) -> int:
@@ -284,6 +270,8 @@ class NativeBackend(Backend):
             return "native needs float32 or float64"
         if request.need_weights:
             return "native does not materialize weights; use backend='reference'"
+        if request.geometry.sliding_window is not None:
+            return "native does not take a host sliding window; use sdpa or blockwise"
         reach = request.geometry.q_offset + max(request.n_queries, request.n_keys)
         limit = _MAX_POSITIONS[request.dtype]
         if reach > limit:

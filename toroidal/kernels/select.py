@@ -93,23 +93,24 @@ def _static_fields(request: KernelRequest) -> tuple:
     """The request as Python constants; `operator.index` specializes symbolic sizes to their values."""
     g = request.geometry
     window = None if g.window is None else operator.index(g.window)
+    sliding = None if g.sliding_window is None else operator.index(g.sliding_window)
     return (
         request.device_type, request.dtype, request.requires_grad, request.need_weights,
         operator.index(request.n_queries), operator.index(request.n_keys), request.has_padding,
         g.depth, operator.index(g.period), float(g.lambda_distance), g.causal, window,
-        operator.index(g.q_offset),
+        operator.index(g.q_offset), sliding,
     )  # fmt: skip
 
 
 @torch.compiler.assume_constant_result
 def _decided_while_tracing(
     name, device_type, dtype, requires_grad, need_weights, n_queries, n_keys, has_padding,
-    depth, period, lambda_distance, causal, window, q_offset,
+    depth, period, lambda_distance, causal, window, q_offset, sliding_window,
 ) -> tuple[str, int | None, str | None]:  # fmt: skip
     """`_resolve`, run by torch.compile's tracer on real values. Its answer enters the graph as a
     constant: the registered backend's name, the tile where a tuning table changed it, and the
     BackendUnavailable message where the call cannot be served (raised by the traced code)."""
-    geometry = TorusGeometry(depth, period, lambda_distance, causal, window, q_offset)
+    geometry = TorusGeometry(depth, period, lambda_distance, causal, window, q_offset, sliding_window)
     request = KernelRequest(
         device_type, dtype, requires_grad, need_weights, geometry, n_queries, n_keys, has_padding
     )

@@ -4,10 +4,10 @@ A mechanism is a way to turn per-head q, k, v into per-head outputs. Each one bu
 *kernel module* with this contract:
 
     kernel = get_mechanism(name).build_kernel(heads, head_dim, **options)
-    out = kernel(q, k, v, causal=True, key_padding_mask=None, scale=None, q_offset=0)
+    out = kernel(q, k, v, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None)
     # q: (B, H, N_q, e); k, v: (B, H, N_k, e); key_padding_mask: (B, N_k), True for real keys;
-    # scale None: e ** -0.5 (or the mechanism's own); q_offset: position of the first query.
-    # out: (B, H, N_q, e), same dtype as q.
+    # scale None: e ** -0.5 (or the mechanism's own); q_offset: position of the first query;
+    # sliding_window W: a host's key window, |i - j| < W. out: (B, H, N_q, e), same dtype as q.
     kernel.get_metrics()   # plain dict of what the mechanism measured since reset_metrics()
     kernel.reset_metrics()
 

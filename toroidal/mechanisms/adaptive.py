@@ -182,8 +182,15 @@ class AdaptiveDepthKernel(KernelModule):
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         n_q, n_k = q.shape[-2], k.shape[-2]
+        if sliding_window is not None:
+            raise ValueError(
+                f"adaptive: the host's sliding window ({sliding_window} keys) is in effect, but the depth "
+                "gate reads the keys from position 0 on; apply adaptive to the host's full-attention layers"
+            )
         if q.shape[-1] != self.head_dim or q.shape[1] != self.heads:
             raise ValueError(
                 f"adaptive: kernel built for {self.heads} heads of {self.head_dim} dims, "

@@ -13,7 +13,12 @@ from toroidal.runtime.timing import stage
 
 
 class KernelModule(nn.Module):
-    """Per-head attention of one mechanism (see `toroidal.mechanisms`). Subclasses implement `forward`."""
+    """Per-head attention of one mechanism (see `toroidal.mechanisms`). Subclasses implement `forward`.
+
+    `sliding_window` W is a host model's key window, |i - j| < W on top of the mechanism's
+    own rules; hosts pass it only where it is in effect (a kernel without the keyword then
+    still serves every other layer and call).
+    """
 
     def forward(
         self,
@@ -25,6 +30,7 @@ class KernelModule(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
         q_offset: int = 0,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 

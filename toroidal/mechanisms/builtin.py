@@ -8,18 +8,20 @@ import torch.nn.functional as F
 from toroidal.config import TORUS_OPTIONS
 from toroidal.functional import toroidal_attention
 from toroidal.fusion import DepthFusion
+from toroidal.geometry import position_allowed, sliding_window_that_bites
 from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
 
-def _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, device) -> torch.Tensor | None:
+def _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, device, sliding_window=None):
     """Boolean (B, 1, N_q, N_k) mask for SDPA, or None when plain `is_causal` (or nothing) suffices."""
-    if key_padding_mask is None and (not causal or (q_offset == 0 and n_q == n_k)):
+    sliding_window = sliding_window_that_bites(sliding_window, n_q, n_k, q_offset, causal)
+    plain = not causal or (q_offset == 0 and n_q == n_k)
+    if key_padding_mask is None and sliding_window is None and plain:
         return None
-    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if causal:
-        rows = torch.arange(n_q, device=device)[:, None] + q_offset
-        allowed = torch.arange(n_k, device=device)[None, :] <= rows
-    allowed = allowed[None, None]
+    i = torch.arange(n_q, device=device)[:, None] + q_offset
+    j = torch.arange(n_k, device=device)[None, :]
+    allowed = position_allowed(i, j, causal, None, 1, sliding_window)  # no circular window: no period
+    allowed = torch.as_tensor(allowed, device=device).expand(n_q, n_k)[None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     return allowed
@@ -32,9 +34,11 @@ class StandardKernel(KernelModule):
         super().__init__()
         check_options("standard", options, ())
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         n_q, n_k = q.shape[-2], k.shape[-2]
-        mask = _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, q.device)
+        mask = _sdpa_mask(causal, key_padding_mask, n_q, n_k, q_offset, q.device, sliding_window)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_q > 1, scale=scale)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -57,14 +61,16 @@ class ToroidalKernel(KernelModule):
         self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
         self.captured: list | None = None
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         cfg = self.config
         capturing = self.captured is not None
         out, weights = toroidal_attention(
             q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance,
             period=cfg.period_for(k.shape[-2], causal), causal=causal, window=cfg.window,
             key_padding_mask=key_padding_mask, scale=scale, backend="reference" if capturing else cfg.backend,
-            q_offset=q_offset, return_weights=capturing, always_tuple=True,
+            q_offset=q_offset, return_weights=capturing, always_tuple=True, sliding_window=sliding_window,
         )  # fmt: skip
         if capturing:
             self.captured.append(weights.detach())

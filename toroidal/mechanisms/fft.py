@@ -5,6 +5,7 @@ from __future__ import annotations
 from toroidal.config import TORUS_OPTIONS
 from toroidal.fft import DEFAULT_BUCKETS, FFTToroidalMixing, convolution_plan
 from toroidal.fusion import DepthFusion
+from toroidal.geometry import sliding_window_that_bites
 from toroidal.mechanisms.base import KernelModule, Mechanism, check_options, torus_config
 
 # The torus without a backend (the mixing is computed here), then its own options.
@@ -30,15 +31,19 @@ class FFTToroidalKernel(KernelModule):
         self.fusion = DepthFusion(self.config.fusion, heads, self.config.depth, self.config.fusion_rank)
         self._plan: tuple[str, int] | None = None
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         cfg = self.config
         n = k.shape[-2]
         period = cfg.period_for(n, causal)
         out = self.mixing(
             q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance, period=period, causal=causal,
             window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,
+            sliding_window=sliding_window,
         )  # fmt: skip
-        self._plan = convolution_plan(n, period, causal, key_padding_mask is not None)
+        sliding_window = sliding_window_that_bites(sliding_window, q.shape[-2], n, q_offset, causal)
+        self._plan = convolution_plan(n, period, causal, key_padding_mask is not None, sliding_window)
         return self.fusion(out)
 
     def get_metrics(self) -> dict:

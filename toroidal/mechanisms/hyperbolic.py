@@ -29,7 +29,9 @@ import warnings
 import torch
 from torch import nn
 
+from toroidal.geometry import position_allowed, sliding_window_that_bites
 from toroidal.mechanisms.base import KernelModule, Mechanism, check_options
+from toroidal.runtime.install import missing_module_message
 
 HYPERBOLIC_OPTIONS = (
     "curvature",
@@ -41,7 +43,6 @@ HYPERBOLIC_OPTIONS = (
     "aggregation",
 )
 AGGREGATIONS = ("midpoint", "tangent")
-INSTALL_HINT = "pip install geoopt (or pip install -e '.[hyperbolic]')"
 # Points stay within (1 - RIM_MARGIN) of the radius: geoopt's own float32 margin, which keeps
 # 1 - c|x|^2 >= 8e-3 for the float32 distance stage.
 RIM_MARGIN = 4e-3
@@ -57,7 +58,7 @@ def geoopt_modules():
             import geoopt
             from geoopt.manifolds.stereographic import math as stereographic
     except ImportError:
-        raise ImportError(f"the hyperbolic mechanism needs geoopt: {INSTALL_HINT}") from None
+        raise ImportError(f"the hyperbolic mechanism {missing_module_message('geoopt')}") from None
     return geoopt, stereographic
 
 
@@ -130,12 +131,14 @@ def gyromidpoint(weights: torch.Tensor, points: torch.Tensor, c: torch.Tensor) -
     return stereographic.project(midpoint, k=k, eps=RIM_MARGIN)
 
 
-def allowed_keys(causal, key_padding_mask, n_q, n_k, q_offset, device) -> torch.Tensor | None:
+def allowed_keys(causal, key_padding_mask, n_q, n_k, q_offset, device, sliding_window=None):
     """Boolean (B or 1, 1, N_q, N_k) mask of the keys each query may attend, or None for all of them."""
     allowed = None
-    if causal:
+    sliding_window = sliding_window_that_bites(sliding_window, n_q, n_k, q_offset, causal)
+    if causal or sliding_window is not None:
         rows = torch.arange(n_q, device=device)[:, None] + q_offset
-        allowed = (torch.arange(n_k, device=device)[None, :] <= rows)[None, None]
+        keys = torch.arange(n_k, device=device)[None, :]
+        allowed = position_allowed(rows, keys, causal, None, 1, sliding_window)[None, None]  # no period
     if key_padding_mask is not None:
         padding = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         allowed = padding if allowed is None else allowed & padding
@@ -204,7 +207,9 @@ class HyperbolicKernel(KernelModule):
         c = self.ball.c
         return c if self.learn_curvature else c.detach()
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         pairs = pair_dtype(q.dtype)
         s = q.shape[-1] ** -0.5 if scale is None else float(scale)
         c = self.curvature().to(POINT_DTYPE)
@@ -217,7 +222,8 @@ class HyperbolicKernel(KernelModule):
         slope = self.beta.to(pairs) * (-2 / c.to(pairs).sqrt())
         half = half_scaled_distance(qb.to(pairs), kb.to(pairs), c.to(pairs))
         scores = torch.addcmul(self.gamma.to(pairs), slope, half)
-        allowed = allowed_keys(causal, key_padding_mask, q.shape[-2], k.shape[-2], q_offset, q.device)
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        allowed = allowed_keys(causal, key_padding_mask, n_q, n_k, q_offset, q.device, sliding_window)
         has_key = None
         if allowed is not None:
             scores.masked_fill_(~allowed, -math.inf)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from toroidal.mechanisms import adaptive, fft, hyperbolic, tiled
+from toroidal.mechanisms import adaptive, alibi, fft, hyperbolic, tiled
 from toroidal.mechanisms.base import KernelModule, Mechanism, MechanismAttention
 from toroidal.mechanisms.builtin import STANDARD, TOROIDAL
 
 # The built-in mechanisms, in the order commands list them.
-BUILTIN = (STANDARD, TOROIDAL, tiled.MECHANISM, hyperbolic.MECHANISM, adaptive.MECHANISM, fft.MECHANISM)
+BUILTIN = (
+    STANDARD,
+    TOROIDAL,
+    tiled.MECHANISM,
+    hyperbolic.MECHANISM,
+    adaptive.MECHANISM,
+    fft.MECHANISM,
+    alibi.MECHANISM,
+)
 
 _REGISTRY: dict[str, Mechanism] = {}
 

@@ -122,6 +122,11 @@ def _make_plan(geometry: TorusGeometry, lq: int, lk: int, settings: TilingSettin
         # Pairs the causal rule already removed (lo > d_hi) keep a valid range here and stay hidden.
         visible &= _ring_min(torch.minimum(lo, d_hi), d_hi, period) <= geometry.window
         full &= _ring_max(d_lo, d_hi, period) <= geometry.window
+    if geometry.sliding_window is not None:  # |i - j| < W: least and largest |i - j| of the pair
+        reach = geometry.sliding_window - 1
+        nearest = torch.where((lo <= 0) & (d_hi >= 0), 0, torch.minimum(lo.abs(), d_hi.abs()))
+        visible &= nearest <= reach
+        full &= torch.maximum(d_lo.abs(), d_hi.abs()) <= reach
     full &= visible
     closest = _ring_min(d_lo, d_hi, period)
     local = closest < settings.local_tiles * span
@@ -403,12 +408,14 @@ class TiledKernel(KernelModule):
         self._plan_key, self._plan = None, None
         self._counts, self._calls = TileCounts(), 0
 
-    def forward(self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0):
+    def forward(
+        self, q, k, v, *, causal=True, key_padding_mask=None, scale=None, q_offset=0, sliding_window=None
+    ):
         cfg = self.config
         call = plan_call(
             q, k, v, depth=cfg.depth, lambda_distance=cfg.lambda_distance,
-            period=cfg.period_for(k.shape[-2], causal), causal=causal,
-            window=cfg.window, key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset,
+            period=cfg.period_for(k.shape[-2], causal), causal=causal, window=cfg.window,
+            key_padding_mask=key_padding_mask, scale=scale, q_offset=q_offset, sliding_window=sliding_window,
         )  # fmt: skip
         # Layers and repeated steps share a shape: keep the last plan (classification and bias table).
         key = (call.geometry, call.q.shape[2], call.k.shape[2], str(q.device))

@@ -213,7 +213,7 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
     train_set = make_dataset(spec, options, "train", tokenizer, texts and texts["train"])
     val_set = make_dataset(spec, options, "validation", tokenizer, texts and texts["validation"])
 
-    model = build_model(source, tokenizer, config.seq_len, config.seed)
+    model = build_model(source, tokenizer, config.seq_len, config.seed, config.position)
     layers = check_layers(model, config.layers)
     toroidal, kernel_options = None, None
     if config.mechanism == "toroidal":

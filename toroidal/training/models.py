@@ -26,6 +26,7 @@ from toroidal.integrations.transformers import (
     max_positions,
     toroidal_layers,
 )
+from toroidal.runtime.install import config_folders
 from toroidal.training.data import check_seed
 from toroidal.training.errors import CheckpointError, SetupError
 from toroidal.training.hub import require_hub, trust_remote_code
@@ -42,8 +43,6 @@ TINY = {
     "max_position_embeddings": 1024,
 }
 BUILTIN_PRESETS = {"tiny": TINY}
-# Presets in ./configs/models (the working directory) win over those of the source checkout.
-PRESET_FOLDERS = (Path("configs") / "models", Path(__file__).resolve().parents[2] / "configs" / "models")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -77,7 +76,7 @@ def quiet_transformers():
 
 def preset_names() -> list[str]:
     names = set(BUILTIN_PRESETS)
-    for folder in PRESET_FOLDERS:
+    for folder in config_folders("models"):  # ./configs/models first, then the shipped ones
         if folder.is_dir():
             names.update(p.stem for p in folder.glob("*.y*ml"))
     return sorted(names)
@@ -112,7 +111,7 @@ def resolve_model(spec: str) -> ModelSource:
             )
         return ModelSource("local", str(path))
     if path.parent == Path("."):
-        for folder in PRESET_FOLDERS:
+        for folder in config_folders("models"):
             for suffix in (".yaml", ".yml"):
                 if (folder / f"{spec}{suffix}").is_file():
                     return ModelSource("preset", spec, _read_preset(folder / f"{spec}{suffix}"))
@@ -155,10 +154,16 @@ def _token_ids(tokenizer) -> dict:
     }
 
 
-def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.Module:
-    """The host model (sdpa attention), initialized from `seed` for presets."""
+def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int, position: str = "rope") -> nn.Module:
+    """The host model (sdpa attention), initialized from `seed` for presets; `position` (presets
+    only): `rope`, the family's own encoding, or `none`, no rotary encoding (`remove_rotary`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if position != "rope" and source.kind != "preset":
+        raise SetupError(
+            f"--position {position} builds a preset without its rotary encoding; {source.name} is pretrained",
+            "use a preset (e.g. tiny), or --position rope",
+        )
     if source.kind == "preset":
         fields = dict(source.preset)
         family = fields.pop("family")
@@ -179,6 +184,7 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.M
         torch.manual_seed(seed)
         with quiet_transformers():
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        set_position(model, position, f"preset {source.name!r}")
         return model
     try:
         with quiet_transformers():
@@ -196,6 +202,52 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int) -> nn.M
             "use --tokenizer model",
         )
     return model
+
+
+# --- position encoding -------------------------------------------------------------------------------
+
+POSITIONS = ("rope", "none")  # the host's rotary encoding, or none at all (NoPE)
+
+
+class NoRotary(nn.Module):
+    """Stands in for a host's rotary embedding: cos = 1 and sin = 0 of its shape, so that the host's
+    `apply_rotary_pos_emb` leaves q and k exactly as they are (no position encoding at all)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim  # the dims the replaced embedding rotated
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        shape = (*position_ids.shape, self.dim)
+        return x.new_ones(shape), x.new_zeros(shape)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def remove_rotary(model: nn.Module) -> int:
+    """Replace every rotary embedding module (`rotary_emb`, holding `inv_freq`) by `NoRotary`; returns
+    how many. Llama-family hosts compute cos and sin once per forward there and rotate q and k in
+    every layer with them."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            sizes = {b.numel() for key, b in child.named_buffers(recurse=False) if key == "inv_freq"}
+            if name == "rotary_emb" and len(sizes) == 1:
+                setattr(parent, name, NoRotary(2 * sizes.pop()))
+                replaced += 1
+    return replaced
+
+
+def set_position(model: nn.Module, position: str, what: str) -> None:
+    """Apply a `position` choice (`POSITIONS`) to a freshly built or loaded host; SetupError if impossible."""
+    if position not in POSITIONS:
+        raise SetupError(f"--position {position}: must be one of {', '.join(POSITIONS)}")
+    if position == "none" and not remove_rotary(model):
+        raise SetupError(
+            f"--position none: {what} ({type(model).__name__}) has no rotary embedding to remove",
+            "use a Llama-family preset (llama, mistral, qwen2), or --position rope",
+        )
 
 
 # --- toroidal attention ------------------------------------------------------------------------------
@@ -267,8 +319,11 @@ def load_checkpoint_model(
     toroidal: ToroidalConfig | None,
     layers: list[int] | None,
     mechanism: tuple[str, dict] | None = None,
+    position: str = "rope",
 ) -> nn.Module:
     """A model saved by a run (`save_pretrained`), toroidal layers re-applied and fusion weights loaded.
+
+    `position`: the run's (`none`: its rotary embedding removed again, before any layer is attached).
 
     `mechanism` (name, options): another mechanism's kernels, re-applied in `layers` with
     their weights loaded. Every weight must be in the file with its shape: transformers would
@@ -300,6 +355,10 @@ def load_checkpoint_model(
             f"the weights in {folder} do not match its config.json (e.g. {wrong[0]}): "
             "a checkpoint of another architecture or an edited config",
         )
+    try:
+        set_position(model, position, f"the model in {folder}")
+    except SetupError as error:
+        raise CheckpointError(error.message) from None
     if toroidal is not None:
         add_toroidal(model, toroidal, layers)
         try:

@@ -166,7 +166,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         name, options, layers = read_mechanism(run_dir)
         kernel = (name, options)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers, kernel)
+    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers, kernel, config.position)
     vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > vocab:
         raise CheckpointError(

@@ -8,7 +8,9 @@ gradients. Then, per mechanism:
 - `hyperbolic`: stability for inputs of norm 1e-8 to 1e4 in float32 and bfloat16 (finite outputs
   and gradients, curvature included), the expmap0/logmap0 round trip, distance symmetry, zero
   diagonal, and the all-pairs distance and midpoint against geoopt's own;
-- `tiled`: with every tile exact (budget None, concatenating fusion) it is toroidal attention.
+- `tiled`: with every tile exact (budget None, concatenating fusion) it is toroidal attention;
+- `alibi`: against its bias materialized in float64 (causal with padding, bidirectional, and
+  the last rows decoded with a query offset).
 """
 
 from __future__ import annotations
@@ -106,6 +108,36 @@ def check_standard(
     return [
         verdict("standard: vs float64 softmax", max_abs_diff(out, expected), KERNEL_TOLERANCE[dtype], detail)
     ]
+
+
+def check_alibi(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[CheckResult]:
+    """`alibi` against softmax(q k^T e^-1/2 - m_h (i - j)) v (|i - j| bidirectional) in float64."""
+    from toroidal.mechanisms.alibi import alibi_slopes
+
+    device = torch.device(device)
+    kernel = build_kernel("alibi", _HEADS, _WIDTH)
+    q, k, v = (_rand(_BATCH, _HEADS, _N, _WIDTH, device=device, dtype=dtype) for _ in range(3))
+    padding = torch.ones(_BATCH, _N, dtype=torch.bool, device=device)
+    padding[1, -3:] = False
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
+    slopes = torch.tensor(alibi_slopes(_HEADS), dtype=torch.float64)[:, None, None]
+    offset = (torch.arange(_N)[:, None] - torch.arange(_N)[None, :]).double()
+    name = str(dtype).removeprefix("torch.")
+    results = []
+    for causal in (True, False):
+        with torch.no_grad():
+            out = kernel(q, k, v, causal=causal, key_padding_mask=padding)
+            last = kernel(q[:, :, -2:], k, v, causal=causal, key_padding_mask=padding, q_offset=_N - 2)
+        scores = q64 @ k64.transpose(-1, -2) * _WIDTH**-0.5 - slopes * (offset if causal else offset.abs())
+        allowed = padding.cpu()[:, None, None, :]
+        if causal:
+            allowed = allowed & torch.ones(_N, _N, dtype=torch.bool).tril()
+        expected = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1) @ v64
+        error = max(max_abs_diff(out, expected), max_abs_diff(last, expected[:, :, -2:]))
+        kind = "causal" if causal else "bidirectional"
+        detail = f"{kind}, right padding, N={_N}, last 2 rows decoded too, {name}"
+        results.append(verdict(f"alibi: {kind} vs float64 bias", error, KERNEL_TOLERANCE[dtype], detail))
+    return results
 
 
 # --- hyperbolic ----------------------------------------------------------------------------------
@@ -302,4 +334,6 @@ def mechanism_suite(mechanism: str, device: torch.device | str = "cpu", dtype: t
         suite.append(("hyperbolic geometry", lambda: check_hyperbolic_geometry(device)))
     if mechanism == "tiled":
         suite.append(("tiled full budget", lambda: check_tiled_full_budget(device)))
+    if mechanism == "alibi":
+        suite.append(("alibi vs its bias", lambda: check_alibi(device, dtype)))
     return suite

@@ -6,12 +6,13 @@ to it. Its attention function runs the kernel on attention modules that carry a 
 and the host's own function on every other module, so those compute exactly what they did. The
 kernel gets the host's projected, rotated q, k, v (q and k permuted so that each platter holds
 whole rotary pairs, keys and values repeated to the query heads), the host's scale and causal
-flag, and the key padding and first-query position read from the host mask (`host.host_keys`);
-its output goes back to the host's output projection.
+flag, and the key padding, first-query position and sliding window (where one is in effect)
+read from the host mask (`host.host_keys`); its output goes back to the host's output projection.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class LayerState:
     kernel: nn.Module
     order: list[int] | None  # head-dim permutation of q and k (None: identity)
     _orders: dict = field(default_factory=dict, repr=False)  # the order as an index, per device
+    takes_sliding_window: bool = True  # whether the kernel's forward has the `sliding_window` keyword
 
     @property
     def name(self) -> str:
@@ -94,27 +96,44 @@ def attached_name(model: nn.Module) -> str | None:
 # --- the attention function ------------------------------------------------------------------------
 
 
+def _takes_sliding_window(kernel: nn.Module) -> bool:
+    parameters = inspect.signature(kernel.forward).parameters.values()
+    return any(p.name == "sliding_window" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def run_layer(module, query, key, value, attention_mask, scaling=None, is_causal=None, **kwargs):
     """The attention interface's call on a chosen layer: (output (B, N, H, e), no weights)."""
     state = layer_state(module)
+    label = f"{state.name} layer {state.layer}"
     n_q, n_k = query.shape[2], key.shape[2]
     if query.shape[1] != state.heads or query.shape[-1] != state.head_dim:
         raise ValueError(
-            f"{state.name} layer {state.layer} was set up for {state.heads} heads of {state.head_dim} dims, "
+            f"{label} was set up for {state.heads} heads of {state.head_dim} dims, "
             f"got queries {tuple(query.shape)} (B, H, N, e)"
         )
+    if kwargs.get("softcap") is not None:  # Gemma 2: tanh-capped scores, which no kernel here computes
+        raise ValueError(f"{label}: the host caps its attention scores (softcap={kwargs['softcap']})")
     stream = getattr(module, STREAM_ATTR, None)
     if stream is not None:  # streaming: a latent state instead of keys
         return stream.step(module, state, query, key, value, scaling)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    keys = host_keys(f"{state.name} layer {state.layer}", attention_mask, n_q, n_k, causal)
+    keys = host_keys(label, attention_mask, n_q, n_k, causal, kwargs.get("sliding_window"))
     query, key = state.permute(query, key)
     if key.shape[1] != state.heads:  # grouped queries: the kernel contract has one key head per query head
         groups = state.heads // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    window = {}
+    if keys.sliding_window is not None:  # passed only where in effect: older kernels serve the rest
+        if not state.takes_sliding_window:
+            raise ValueError(
+                f"{label}: the host's sliding window ({keys.sliding_window} keys) is in effect and this "
+                "kernel's forward takes no sliding_window"
+            )
+        window["sliding_window"] = keys.sliding_window
     out = state.kernel(
-        query, key, value, causal=causal, key_padding_mask=keys.padding, scale=scaling, q_offset=keys.q_offset
-    )
+        query, key, value, causal=causal, key_padding_mask=keys.padding, scale=scaling,
+        q_offset=keys.q_offset, **window,
+    )  # fmt: skip
     if state.plug.dropout:
         out = F.dropout(out, state.plug.dropout, training=module.training)
     # The interface returns (B, N, H, e) and the attention weights (never materialized here).
@@ -151,7 +170,9 @@ def attach(model: nn.Module, plug: Plug, layers, what: str) -> nn.Module:
         if plug.depth is None:
             depth = getattr(getattr(kernel, "config", None), "depth", 1)
             order = platter_order(head_dim, depth, min(rotary, head_dim))
-        plans.append((module, LayerState(plug, layer, heads, head_dim, kernel, order)))
+        state = LayerState(plug, layer, heads, head_dim, kernel, order)
+        state.takes_sliding_window = _takes_sliding_window(kernel)
+        plans.append((module, state))
 
     previous = model.config._attn_implementation
     implementation = register_implementation(plug.name, previous, attention_function(previous))

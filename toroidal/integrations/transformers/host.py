@@ -1,8 +1,9 @@
 """Host plumbing: what a Hugging Face transformers model offers a kernel and how to register with it.
 
 Attention modules by layer, their head shapes, the rotary-pair platter order, the host mask
-read back as key padding + first-query position + causal-ness, and the registration of
-`<name>+<fallback>` attention and mask functions. `attach.py` builds the one attacher on it.
+read back as key padding + first-query position + causal-ness + sliding window, and the
+registration of `<name>+<fallback>` attention and mask functions. `attach.py` builds the one
+attacher on it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,24 @@ SUPPORTED_FALLBACKS = ("sdpa", "eager")
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """The host mask as a kernel needs it."""
+    """The host mask read back: the rules it follows, for a causal and for a bidirectional layer."""
 
     padding: torch.Tensor | None  # (B, N_k), True for real keys; None: no padding
     q_offset: int  # position of the first query, counted from the first key
-    plain_causal: bool  # host mask == causal rule & padding
-    plain_bidirectional: bool  # host mask == padding
+    plain_causal: bool  # host mask == causal rule & padding (& |i - j| < causal_window)
+    plain_bidirectional: bool  # host mask == padding (& |i - j| < bidirectional_window)
+    causal_window: int | None = None  # the sliding window W the causal mask cuts with (None: none cuts)
+    bidirectional_window: int | None = None
+    kv_offset: int = 0  # position of the first key (> 0: a sliding-window cache dropped those before)
+
+
+@dataclass(frozen=True)
+class CallKeys:
+    """What a kernel takes of the host mask in one call."""
+
+    padding: torch.Tensor | None  # (B, N_k), True for real keys; None: no padding
+    q_offset: int  # position of the first query, counted from the first key
+    sliding_window: int | None  # the host's key window |i - j| < W where it is in effect, else None
 
 
 # --- head layout -------------------------------------------------------------------
@@ -55,7 +68,13 @@ def platter_order(head_dim: int, depth: int, rotary_dim: int) -> list[int] | Non
 
 def rotary_dim(model: nn.Module) -> int:
     """Dims the host rotates: 2 * len(inv_freq) of its rotary embedding (0 without one)."""
-    sizes = {buf.numel() for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1] == "inv_freq"}
+    # `inv_freq`, or one per layer type (Gemma 3: `sliding_attention_inv_freq`); not the `original_` copies.
+    sizes = {
+        buf.numel()
+        for name, buf in model.named_buffers()
+        if (last := name.rsplit(".", 1)[-1]) == "inv_freq"
+        or (last.endswith("_inv_freq") and not last.endswith("original_inv_freq"))
+    }
     if len(sizes) > 1:
         raise ValueError(f"the model has rotary embeddings of several sizes {sorted(sizes)}; unsupported")
     return 2 * sizes.pop() if sizes else 0
@@ -145,8 +164,20 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def _key_info(allowed: torch.Tensor, q_offset: int, padding: torch.Tensor | None) -> KeyInfo:
-    """Compare a (B, Q, K) host mask with the causal and bidirectional rules over `padding`."""
+def _fit(allowed: torch.Tensor, rule: torch.Tensor, distance: torch.Tensor) -> tuple[bool, int | None]:
+    """Whether the mask `allowed` is `rule`, or `rule` & |i - j| < W for some W >= 1, and that W."""
+    if bool((allowed == rule).all()):
+        return True, None
+    cut = rule & ~allowed
+    if not bool(cut.any()):
+        return False, None
+    window = int(distance.expand_as(cut)[cut].min())  # the nearest pair the window cuts
+    return window >= 1 and bool((allowed == (rule & (distance < window))).all()), window
+
+
+def _key_info(allowed: torch.Tensor, q_offset: int, padding: torch.Tensor | None, kv_offset=0) -> KeyInfo:
+    """Compare a (B, Q, K) host mask with the causal and bidirectional rules over `padding`, each
+    alone or cut by a sliding window (read off the mask: the nearest pair it cuts)."""
     b, n_q, n_k = allowed.shape
     if padding is None:  # a key that some query may see is a real key
         padding = allowed.any(dim=1)
@@ -154,9 +185,13 @@ def _key_info(allowed: torch.Tensor, q_offset: int, padding: torch.Tensor | None
     i = q_offset + torch.arange(n_q, device=allowed.device)[:, None]
     j = torch.arange(n_k, device=allowed.device)[None, :]
     real = padding[:, None, :]
-    plain_causal = bool((allowed == (real & (j <= i))).all())
-    plain_bidirectional = bool((allowed == real).all())
-    return KeyInfo(None if bool(padding.all()) else padding, q_offset, plain_causal, plain_bidirectional)
+    distance = (i - j).abs()
+    causal, causal_window = _fit(allowed, real & (j <= i), distance)
+    bidirectional, bidirectional_window = _fit(allowed, real, distance)
+    return KeyInfo(
+        None if bool(padding.all()) else padding, q_offset, causal, bidirectional,
+        causal_window, bidirectional_window, kv_offset,
+    )  # fmt: skip
 
 
 def _keys_for_call(mask, n_q: int, n_k: int) -> KeyInfo:
@@ -170,21 +205,30 @@ def _keys_for_call(mask, n_q: int, n_k: int) -> KeyInfo:
     raise TypeError(f"toroidal layers cannot read a host attention mask of type {type(mask).__name__}")
 
 
-def host_keys(label: str, mask, n_q: int, n_k: int, causal: bool) -> KeyInfo:
-    """The kernel's view of the host mask; refuses a mask that is not plain causal or bidirectional.
+def host_keys(label: str, mask, n_q: int, n_k: int, causal: bool, sliding_window=None) -> CallKeys:
+    """The kernel's view of the host mask; refuses a mask that is not causal (or bidirectional)
+    attention with padding, alone or cut by a sliding window.
 
     When the mask is None (SDPA without padding) there is no padding and the first query
-    sits at 0 (prefill) or at N_k - 1 (decoding one token).
+    sits at 0 (prefill) or at N_k - 1 (decoding one token). The sliding window in effect is
+    the one the mask cuts with, else `sliding_window` (the window the host layer declares to
+    its attention function) where a sliding-window cache dropped the keys before the window.
     """
     keys = _keys_for_call(mask, n_q, n_k)
-    if not (keys.plain_causal if causal else keys.plain_bidirectional):
+    if causal:
+        fits, window = keys.plain_causal, keys.causal_window
+    else:
+        fits, window = keys.plain_bidirectional, keys.bidirectional_window
+    if not fits:
         kind = "causal" if causal else "bidirectional"
         raise ValueError(
-            f"{label}: the host attention mask is not plain {kind} attention with "
-            "padding (a sliding window that bites, packed sequences or a custom mask); these layers "
-            "take only key padding, causality and their own window"
+            f"{label}: the host attention mask is not {kind} attention with padding, alone or cut by a "
+            "sliding window (packed sequences, chunked attention or a custom mask); these layers take "
+            "only key padding, causality, a sliding window and their own window"
         )
-    return keys
+    if window is None and causal and keys.kv_offset > 0:
+        window = sliding_window
+    return CallKeys(keys.padding, keys.q_offset, window)
 
 
 def mask_function(fallback: str):
@@ -199,7 +243,7 @@ def mask_function(fallback: str):
             if padding is not None:
                 padding = padding[:, kv_offset : kv_offset + kv_length]
             q_offset = int(kwargs.get("q_offset", 0)) - kv_offset
-            mask.toroidal_keys = _key_info(_allowed(mask), q_offset, padding)
+            mask.toroidal_keys = _key_info(_allowed(mask), q_offset, padding, kv_offset)
         return mask
 
     return build
