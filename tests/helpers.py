@@ -4,6 +4,7 @@ import torch
 
 from toroidal.functional import plan_call
 from toroidal.kernels import get_backend
+from toroidal_cli import progress
 
 
 def small_cpu_default() -> str:
@@ -14,11 +15,12 @@ def small_cpu_default() -> str:
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    """A CliRunner result failed with exactly one stderr line containing every fragment, no traceback."""
+    """A CliRunner result failed with exactly one stderr line containing every fragment, no traceback
+    (progress lines before it, `bench: row 1/2 ...`, are not error lines)."""
     assert result.exit_code not in (0, None), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not progress.LINE.match(line)]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

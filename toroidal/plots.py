@@ -6,7 +6,7 @@ Both files are written atomically (a temp file beside them, then os.replace).
 Figures have a fixed size and dpi and the PNG carries no software or time stamp,
 so the same data gives the same bytes on one machine.
 
-matplotlib is an optional extra (`pip install -e ".[plot]"`); without it every
+matplotlib comes with the optional `plot` extra; without it every
 function raises `PlotUnavailable`. Only the object-oriented API is used (no pyplot),
 so the global matplotlib backend is never touched.
 """
@@ -19,10 +19,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from toroidal.runtime.install import missing_module_message
 
-INSTALL_HINT = 'pip install -e ".[plot]"'
+if TYPE_CHECKING:  # tensors come from the caller: importing this module needs no torch
+    import torch
+
 DPI = 100
 BENCH_SIZE = (11.0, 9.0)  # inches; pixels = inches * DPI
 TRAIN_SIZE = (11.0, 4.5)
@@ -33,7 +36,7 @@ class PlotUnavailable(ImportError):
     """matplotlib is not installed."""
 
     def __init__(self):
-        super().__init__(f"plotting needs matplotlib: {INSTALL_HINT}")
+        super().__init__(f"plotting {missing_module_message('matplotlib')}")
 
 
 def require_matplotlib() -> None:
@@ -137,8 +140,15 @@ def _floor(rows: list[dict], key: str) -> dict:
     return {"seq_len": sorted(best), key: [best[n] for n in sorted(best)]}
 
 
+def _colors(panels: list[dict]) -> dict[str, str]:
+    """One colour per series name in every panel, assigned in sorted name order."""
+    names = sorted({name for panel in panels for name in panel["series"]})
+    return {name: f"C{index % 10}" for index, name in enumerate(names)}
+
+
 def bench_numbers(rows: list[dict]) -> dict:
-    """The numbers the bench plot draws: per column, series per backend over seq_len, and the SDPA lines."""
+    """The numbers the bench plot draws: per column, series per backend over seq_len (each with its
+    colour, the same in every panel), and the SDPA lines. Rows of one sweep or of several merged."""
     ok = [row for row in rows if row.get("status") == "ok"]
     split, values = _bench_columns(ok)
     varying = [key for key in ("dtype", "mode") if len({row.get(key) for row in ok}) > 1]
@@ -162,6 +172,10 @@ def bench_numbers(rows: list[dict]) -> dict:
                 "sdpa_standard": _floor(chosen, "sdpa_standard_ms"),
             }
         )
+    colors = _colors(panels)
+    for panel in panels:
+        for name, line in panel["series"].items():
+            line["color"] = colors[name]
     return {"kind": "bench", "rows": len(rows), "ok_rows": len(ok), "panels": panels}
 
 
@@ -170,14 +184,26 @@ def _points(xs: list, ys: list) -> tuple[list, list]:
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
-def _draw_series(axes, panel: dict, key: str, colors: dict) -> bool:
+def _draw_series(axes, panel: dict, key: str) -> bool:
     drawn = False
     for name, line in panel["series"].items():
         xs, ys = _points(line["seq_len"], line[key])
         if xs:
-            axes.plot(xs, ys, marker="o", markersize=3, label=name, color=colors[name])
+            axes.plot(xs, ys, marker="o", markersize=3, label=name, color=line["color"])
             drawn = True
     return drawn
+
+
+def _figure_legend(figure, axes_list) -> None:
+    """One legend for the figure, right of the panels, where it covers no data: series sorted by name."""
+    entries: dict[str, object] = {}
+    for axes in axes_list:
+        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    references = [label for label in entries if label.startswith("SDPA")]
+    labels = sorted(label for label in entries if label not in references) + references
+    if labels:
+        figure.legend([entries[label] for label in labels], labels, loc="outside right upper", fontsize=7)
 
 
 def _draw_reference(axes, panel: dict) -> None:
@@ -209,33 +235,31 @@ def plot_bench(rows: list[dict], out: str | os.PathLike, title: str = "toroidal 
     figure = _new_figure(BENCH_SIZE)
     panels = numbers["panels"]
     grid = figure.subplots(3, len(panels), squeeze=False)
-    names = list(dict.fromkeys(name for panel in panels for name in panel["series"]))
-    colors = {name: f"C{index % 10}" for index, name in enumerate(names)}
     for column, panel in enumerate(panels):
         time_axes, memory_axes, overhead_axes = grid[:, column]
         heading = title if panel["split"] is None else f"{title}: {panel['split']}={panel['value']}"
         time_axes.set_title(heading, fontsize=10)
-        if _draw_series(time_axes, panel, "median_ms", colors) or panel["sdpa_torus"]["seq_len"]:
+        if _draw_series(time_axes, panel, "median_ms") or panel["sdpa_torus"]["seq_len"]:
             _draw_reference(time_axes, panel)
             _seq_len_ticks(time_axes, panel)
             time_axes.set_yscale("log")
-            time_axes.legend(fontsize=7)
         else:
             _no_data(time_axes)
         time_axes.set_ylabel("median time (ms)")
-        if _draw_series(memory_axes, panel, "peak_memory_mb", colors):
+        if _draw_series(memory_axes, panel, "peak_memory_mb"):
             _seq_len_ticks(memory_axes, panel)
             memory_axes.set_yscale("log")
         else:
             _no_data(memory_axes)
         memory_axes.set_ylabel("peak memory (MiB)")
-        if _draw_series(overhead_axes, panel, "overhead", colors):
+        if _draw_series(overhead_axes, panel, "overhead"):
             _seq_len_ticks(overhead_axes, panel)
             overhead_axes.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
         else:
             _no_data(overhead_axes)
         overhead_axes.set_ylabel("× SDPA on L=N·D")
         overhead_axes.set_xlabel("sequence length N")
+    _figure_legend(figure, grid.flat)
     return _save(figure, out, numbers)
 
 

@@ -1,4 +1,8 @@
-"""The `toroidal` command: eight subcommands, one module each, registered here in help order."""
+"""The `toroidal` command: eight subcommands, one module each, registered here in help order.
+
+Building the app imports no torch (`import toroidal` is lazy; command modules import the library
+when they run), so `--help`, `--version` and mistakes in options answer at once.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Annotated
 import typer
 
 import toroidal
-from toroidal_cli.errors import UserError, print_user_error, user_errors
+from toroidal_cli.errors import UserError, missing_extra, print_user_error, user_errors
+from toroidal_cli.help import Command, Group
 
 # Help order. Each name is a module in toroidal_cli/commands (see its __init__ for the contract).
 COMMAND_NAMES = ("train", "eval", "bench", "longbench", "scrolls", "profile", "validate", "plot")
@@ -21,15 +26,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    cls=Group,
 )
 
 for _name, _module in COMMANDS.items():
     if hasattr(_module, "app"):  # a command with subcommands (e.g. `toroidal plot bench`): a Typer sub-app
         app.add_typer(_module.app, name=_name, help=_module.HELP)
         continue
-    app.command(_name, help=_module.HELP, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(
-        user_errors(_name)(_module.command)
-    )
+    app.command(
+        _name, cls=Command, help=_module.HELP, context_settings=getattr(_module, "CONTEXT_SETTINGS", None)
+    )(user_errors(_name)(_module.command))
 
 
 def _print_version(value: bool) -> None:
@@ -54,3 +60,9 @@ def main() -> None:
     except UserError as error:  # raised outside a command (commands handle their own)
         print_user_error(error)
         sys.exit(error.exit_code)
+    except ModuleNotFoundError as error:  # an optional package, needed outside a command
+        missing = missing_extra(error)
+        if missing is None:
+            raise
+        print_user_error(missing)
+        sys.exit(missing.exit_code)

@@ -34,6 +34,14 @@ def _fixed(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _ratio(value) -> str | Text:
+    """A ratio to two decimals; a Text already marked noisy (`_display_rows`) as it is."""
+    return value if isinstance(value, Text) else _fixed(value, ".2f")
+
+
+RATIOS = ("overhead", "vs_standard", "stream_vs_kv_cache")  # marked ~ when a baseline was noisy
+
+
 def _backend_label(row: dict) -> Text:
     mechanism = row.get("mechanism") or "toroidal"
     label = Text(f"{mechanism} " if mechanism != "toroidal" else "")
@@ -85,7 +93,7 @@ def _kib(value) -> str:
 
 STREAM_COLUMNS = [
     render.Column("kv_cache_ms", "KV-cache ms", format=lambda v: _fixed(v, ".3f"), justify="right"),
-    render.Column("stream_vs_kv_cache", "× KV", format=lambda v: _fixed(v, ".2f"), justify="right"),
+    render.Column("stream_vs_kv_cache", "× KV", format=_ratio, justify="right"),
     render.Column("state_bytes", "state KiB", format=_kib, justify="right"),
     render.Column("kv_cache_bytes", "KV KiB", format=_kib, justify="right"),
     render.Column(
@@ -105,12 +113,13 @@ def bench_columns(rows: list[dict]) -> tuple[list[render.Column], str]:
     columns += [
         render.Column("status", "status"),
         render.Column("median_ms", "median ms", format=lambda v: _fixed(v, ".3f"), justify="right"),
-        render.Column("spread", "p10–p90 ms", justify="right", no_wrap=True),
-        render.Column("tokens_per_s", "tokens/s", format=lambda v: _fixed(v, ",.0f"), justify="right"),
+        render.Column("p10_p90", "p10–p90 ms", justify="right", no_wrap=True),
+        render.Column("spread_cell", "spread", format=lambda v: v, justify="right", no_wrap=True),
+        render.Column("tokens_per_s", "tokens/s", format=render.format_tokens_per_s, justify="right"),
         render.Column("tflops", "TFLOP/s", format=lambda v: _fixed(v, ".3g"), justify="right"),
         render.Column("peak_memory_mb", "peak MiB", format=lambda v: _fixed(v, ",.1f"), justify="right"),
-        render.Column("overhead", "× SDPA(L)", format=lambda v: _fixed(v, ".2f"), justify="right"),
-        render.Column("vs_standard", "× SDPA(N)", format=lambda v: _fixed(v, ".2f"), justify="right"),
+        render.Column("overhead", "× SDPA(L)", format=_ratio, justify="right", no_wrap=True),
+        render.Column("vs_standard", "× SDPA(N)", format=_ratio, justify="right", no_wrap=True),
     ]
     if any(row.get("mode") == "stream" for row in rows):
         columns += STREAM_COLUMNS
@@ -137,18 +146,51 @@ def _short_reason(reason: str | None) -> str:
     return tail if sep and head.startswith("backend ") else reason
 
 
-def _display_rows(rows: list[dict]) -> list[dict]:
-    """Rows plus the cells computed from several fields: what auto chose, the p10-p90 spread."""
+def _noisy(text: str) -> Text:
+    return Text(f"{text} ~", style="bold yellow")
+
+
+def _over(value, threshold: float | None) -> bool:
+    return value is not None and threshold is not None and value > threshold
+
+
+def _stability_cells(row: dict, threshold: float | None) -> dict:
+    """The spread in percent, marked `~` above `threshold`; the ratios marked when a baseline's was."""
+    spread = row.get("spread")
+    text = "-" if spread is None else f"{spread * 100:.1f}%"
+    cells = {"spread_cell": _noisy(text) if _over(spread, threshold) else Text(text)}
+    if _over(row.get("baseline_spread"), threshold):
+        cells.update({key: _noisy(_fixed(row[key], ".2f")) for key in RATIOS if row.get(key) is not None})
+    return cells
+
+
+def noisy_line(rows: list[dict], threshold: float) -> str | None:
+    """The line under the table that counts the noisy rows and says what to do, or None."""
+    count = sum(bool(row.get("noisy")) for row in rows)
+    if not count:
+        return None
+    were = "row was" if count == 1 else "rows were"
+    return (
+        f"{count} {were} noisy (spread > {threshold * 100:g}%, marked ~): "
+        "rerun on a quieter machine or raise --max-time"
+    )
+
+
+def _display_rows(rows: list[dict], noisy: float | None) -> list[dict]:
+    """Rows plus the cells computed from several fields: what auto chose, the p10-p90 range, the spread
+    and the noisy marks."""
     shown = []
     for row in rows:
-        spread = "-" if row.get("p10_ms") is None else f"{row['p10_ms']:.3f}–{row['p90_ms']:.3f}"
-        shown.append({**row, "spread": spread, "backend_label": _backend_label(row)})
+        p10_p90 = "-" if row.get("p10_ms") is None else f"{row['p10_ms']:.3f}–{row['p90_ms']:.3f}"
+        cells = {"p10_p90": p10_p90, "backend_label": _backend_label(row), **_stability_cells(row, noisy)}
+        shown.append({**row, **cells})
     return shown
 
 
-def bench_table(rows: list[dict], title: str) -> Table:
+def bench_table(rows: list[dict], title: str, noisy: float | None = None) -> Table:
+    """The sweep table; with `noisy`, spreads above it are marked `~` (on the ratios for a baseline's)."""
     columns, caption = bench_columns(rows)
-    table = render.table(_display_rows(rows), columns, title=title)
+    table = render.table(_display_rows(rows, noisy), columns, title=title)
     table.caption = caption
     return table
 

@@ -3,7 +3,8 @@
 `compare` matches the rows of two results on their key fields and gives, per metric, this value,
 the other's, the delta (this - other), the percent change, the better side and how much worse this
 side is. `table` draws them for `bench`, `eval` and `longbench`/`scrolls` `--compare` (and
-`longbench --both`); `gate` is `--fail-on-regression`.
+`longbench --both`); `gate` is `--fail-on-regression`. `text_mismatch` says when two results
+scored different text (their `scored` blocks), which no comparison or gate should hide.
 """
 
 from __future__ import annotations
@@ -167,6 +168,39 @@ def gate(rows: list[dict], threshold: float) -> Verdict:
     return Verdict(regressions, compared)
 
 
+# --- what was scored ------------------------------------------------------------------------------------
+
+
+def recorded_scored(record: dict) -> dict | None:
+    """A result's `scored` block (dataset, split, seq_len, tokens, fingerprint), None if it has none."""
+    scored = record.get("scored")
+    if not isinstance(scored, dict) or not isinstance(scored.get("fingerprint"), str):
+        return None
+    tokens = scored.get("tokens")
+    return scored if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+
+
+def scored_label(scored: dict) -> str:
+    """'4,096 tokens of periodic test (seq_len 128, fingerprint 1a2b3c4d5e6f7a8b)'."""
+    details = [f"seq_len {scored.get('seq_len')}"]
+    if scored.get("fingerprint"):
+        details.append(f"fingerprint {scored['fingerprint']}")
+    where = f"{scored.get('dataset')} {scored.get('split')}"
+    return f"{scored.get('tokens'):,} tokens of {where} ({', '.join(details)})"
+
+
+def text_mismatch(this: dict, other: dict | None, other_name: str) -> str | None:
+    """Why `this` scored block and the `other` (`recorded_scored`: None for a result that records
+    none) are not the same text, or None when they are. A `this` block without a fingerprint yet
+    (before scoring) is checked on its token count only."""
+    if other is None:
+        return f"{other_name} does not record the text it scored (an older toroidal eval wrote it)"
+    same_tokens = this.get("tokens") == other["tokens"]
+    if same_tokens and this.get("fingerprint") in (None, other["fingerprint"]):
+        return None
+    return f"{other_name} scored {scored_label(other)}, this run {scored_label(this)}"
+
+
 # --- the table ------------------------------------------------------------------------------------------
 
 
@@ -226,7 +260,7 @@ def table(
     shown: Sequence[Shown],
     keys: Sequence[render.Column] = (),
     title: str | None = None,
-    caption: str | None = None,
+    caption: str | Text | None = None,
     threshold: float | None = None,
 ) -> Table:
     """`compare` rows as a table: the `keys` columns, then each shown metric's columns.

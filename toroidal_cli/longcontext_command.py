@@ -15,14 +15,14 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
-from toroidal.longcontext import SUITES, LongContextConfig, ModelSpec, ProgressEvent, run
-from toroidal.longcontext.tasks import SHIPPED_LENGTHS, SYNTHETIC
-from toroidal.training import SetupError
+# The task tables import no torch; the runner and the models are imported when the command runs.
+from toroidal.longcontext.tasks import SHIPPED_LENGTHS, SUITES, SYNTHETIC
+from toroidal.training.errors import SetupError
 from toroidal.training.hub import remote_code_trusted
 from toroidal_cli import compare as comparing
 from toroidal_cli import dryrun, render
@@ -32,6 +32,9 @@ from toroidal_cli.resolve import flag_name
 from toroidal_cli.results import capture_env, make_record, read_result, write_result
 from toroidal_cli.run_options import PARSERS, TrustRemoteCodeOpt, setup_error
 from toroidal_cli.values import parse_int, split_items
+
+if TYPE_CHECKING:
+    from toroidal.longcontext import ProgressEvent
 
 KEY_FIELDS = ("task", "metric", "filter")
 # Resolved fields whose option is named otherwise (for --dry-run's sources).
@@ -95,7 +98,7 @@ def quiet_libraries():
             logger.setLevel(level)
 
 
-def _progress(event: ProgressEvent) -> None:
+def _progress(event: "ProgressEvent") -> None:
     """One line per task as it starts (loading is quiet: an error there stays the only line)."""
     if event.kind == "task":
         line = f"[{event.index}/{event.total}] {event.attention}: {event.task}"
@@ -284,6 +287,8 @@ def make_command(suite_name: str):
         other = _read_compare(compare, suite_name)  # fail before the work
         values = {"lambda_": lambda_, "depth": depth, "period": period, "window": window, "fusion": fusion}
         values.update(fusion_rank=fusion_rank, backend=backend, layers=layers)
+        from toroidal.longcontext import LongContextConfig, ModelSpec, run
+
         try:
             spec = ModelSpec(
                 checkpoint=str(checkpoint) if checkpoint else None,

@@ -1,22 +1,34 @@
-"""Options shared by commands (device, dtype, output file), parsed into library values or a UserError."""
+"""Options shared by commands (device, dtype, output file), parsed into library values or a UserError.
+
+Options stay strings until the command runs: the parsers here import torch (through
+`toroidal.runtime.devices`) when called, so building the app and `--help` import none.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
-from toroidal.runtime import devices
 from toroidal_cli.errors import UserError
 
-dtype_name = devices.dtype_name  # 'fp32', 'fp16', 'bf16' or 'fp64': the names of the one dtype table
+if TYPE_CHECKING:
+    import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'fp32', 'fp16', 'bf16' or 'fp64': the names of the one dtype table."""
+    from toroidal.runtime import devices
+
+    return devices.dtype_name(dtype)
 
 
 def parse_device(text: str) -> torch.device:
     """'cpu', 'cuda' or 'cuda:N', checked against this machine."""
+    from toroidal.runtime import devices
+
     try:
         return devices.parse_device(text)
     except devices.DeviceError as error:
@@ -25,6 +37,8 @@ def parse_device(text: str) -> torch.device:
 
 def parse_dtype(text: str) -> torch.dtype:
     """'fp32', 'fp16', 'bf16' or 'fp64' (and their torch spellings)."""
+    from toroidal.runtime import devices
+
     try:
         return devices.parse_dtype(text)
     except devices.DeviceError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toroidal import plots
+from toroidal.runtime.install import missing_module_message
 from toroidal_cli import render
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import check_out_path
@@ -20,7 +21,7 @@ def check_plot_out(out: Path, option: str = "--out") -> Path:
     try:
         plots.require_matplotlib()
     except plots.PlotUnavailable:
-        raise UserError("plotting needs matplotlib, which is not installed", plots.INSTALL_HINT) from None
+        raise UserError(f"plotting {missing_module_message('matplotlib')}") from None
     check_out_path(out, option)
     if out.suffix.lower() != ".png":
         raise UserError(f"{option} {out} is not a .png file", f"give {option} a name ending in .png")
@@ -34,6 +35,24 @@ def write(draw, *args) -> None:
     except OSError as error:
         raise UserError(f"cannot write the plot: {error}", "check the --out path and permissions") from None
     render.console.print(f"wrote {png} and {numbers}")
+
+
+def merge_bench_results(results: list[tuple[str, list[dict]]]) -> list[dict]:
+    """The rows of several bench results (name, rows) as one set: one-N-per-file runs draw lines across N.
+
+    Rows get their result's name as `source`, a series of their own, only where two results measured
+    the same row (all its KEY_FIELDS equal): results to compare rather than parts of one sweep.
+    """
+    from toroidal.bench.rows import KEY_FIELDS  # here, not at the top: the bench package is heavy
+
+    owners: dict[str, set[str]] = {}
+    for name, rows in results:
+        for row in rows:
+            if row.get("status") == "ok":
+                owners.setdefault(repr([row.get(key) for key in KEY_FIELDS]), set()).add(name)
+    if all(len(names) == 1 for names in owners.values()):
+        return [row for _, rows in results for row in rows]
+    return [{**row, "source": name} for name, rows in results for row in rows]
 
 
 def plot_bench_rows(rows: list[dict], out: Path) -> None:

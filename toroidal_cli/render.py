@@ -1,4 +1,5 @@
-"""Rich output for every command: consoles, tables from dict rows, status colours, progress.
+"""Rich output for every command: consoles, tables from dict rows, status colours, number formats
+(progress: `toroidal_cli.progress`).
 
 The library never prints; commands print through the consoles here (results on
 stdout, errors on stderr).
@@ -13,14 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
@@ -63,6 +56,16 @@ def format_number(value, digits: int = 3) -> str:
     return f"{value:.{digits + 1}g}"  # 1000, 0.05991
 
 
+def format_tokens_per_s(value) -> str:
+    """tokens/s, written the same by every command: whole tokens with thousands separators
+    ('83,012'), three significant digits below 100 ('12.3'); '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _cell(column: Column, row: dict) -> Text:
     value = row.get(column.key)
     if column.format is not None:
@@ -71,7 +74,7 @@ def _cell(column: Column, row: dict) -> Text:
         cell = status_text(value)
     else:
         cell = format_number(value)
-    # Text, not str: values such as "pip install 'toroidal[gpu]'" are not Rich markup.
+    # Text, not str: values such as 'pip install "toroidal-attention[gpu]"' are not Rich markup.
     return cell if isinstance(cell, Text) else Text(cell)
 
 
@@ -85,16 +88,3 @@ def table(rows: Sequence[dict], columns: Sequence[Column], title: str | None = N
     for row in rows:
         out.add_row(*(_cell(column, row) for column in columns))
     return out
-
-
-def progress() -> Progress:
-    """A transient progress bar on stderr, so stdout keeps only results."""
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )

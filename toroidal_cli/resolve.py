@@ -1,8 +1,8 @@
 """Where an option's value comes from: the command line, then a YAML config, then the default.
 
-A `--config` is a YAML file or a preset name (looked up in ./configs/<kind>, then in the source
-checkout's configs/). Its keys are the option names in snake_case ('seq-len' = 'seq_len'); a
-flag given on the command line wins over the file's key.
+A `--config` is a YAML file or a preset name (looked up in ./configs/<kind>, then in the shipped
+configs of `toroidal.runtime.install`). Its keys are the option names in snake_case ('seq-len' =
+'seq_len'); a flag given on the command line wins over the file's key.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from pathlib import Path
 
 import typer
 
+from toroidal.runtime.install import config_folders
 from toroidal_cli.errors import UserError
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # presets of a source checkout
 
 
 def from_command_line(ctx: typer.Context, name: str) -> bool:
@@ -28,13 +27,13 @@ def flag_name(name: str) -> str:
 
 
 def config_path(spec: str, kind: str) -> Path:
-    """A YAML config: a path, or a preset name looked up in ./configs/<kind>, then in the checkout's."""
+    """A YAML config: a path, or a preset name looked up in ./configs/<kind>, then in the shipped ones."""
     path = Path(spec).expanduser()
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         if not path.is_file():
             raise UserError(f"config file {spec} does not exist", "pass a YAML file or a preset name")
         return path
-    folders = [Path("configs") / kind, REPO_CONFIGS / kind]
+    folders = config_folders(kind)
     for folder in folders:
         for suffix in (".yaml", ".yml"):
             if (folder / f"{spec}{suffix}").is_file():

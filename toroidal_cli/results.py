@@ -21,14 +21,17 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import toroidal
 from toroidal_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_PREFIX = "toroidal."
 SCHEMA_VERSION = 1
@@ -82,6 +85,8 @@ def _nvidia_driver() -> str | None:
 
 def capture_env(device: str | torch.device = "cpu") -> dict:
     """Where a result was measured: interpreter, torch, device, CUDA and driver, CPU threads."""
+    import torch
+
     device = torch.device(device)
     env = {
         "python": platform.python_version(),
@@ -137,9 +142,12 @@ def _to_json(value):
         return dataclasses.asdict(value)
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (Path, torch.dtype, torch.device)):
+    if isinstance(value, Path):
         return str(value)
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a torch value exists only once torch is imported
+    if torch is not None and isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.numel() == 1:
             return value.item()
         raise TypeError(f"cannot write a tensor of shape {tuple(value.shape)} to a result file")

@@ -12,11 +12,13 @@ from typing import Annotated
 
 import typer
 
-from toroidal.training import SetupError
+from toroidal.training.errors import SetupError
+from toroidal.training.text_files import check_local_dataset
 from toroidal_cli.errors import UserError
 from toroidal_cli.resolve import config_path, flag_name, from_command_line, load_config
 from toroidal_cli.values import (
     choice,
+    parse_backend,
     parse_bool,
     parse_count,
     parse_float,
@@ -35,6 +37,7 @@ YAML_ALIASES = {"lambda": "lambda_", "lambda_distance": "lambda_", "mechanism_op
 
 PARSERS = {
     "model": parse_text,
+    "position": choice(("rope", "none")),
     "attention": choice(("toroidal", "baseline")),
     "mechanism": parse_mechanism,
     "mechanism_option": parse_one_value_options,
@@ -46,11 +49,11 @@ PARSERS = {
     "window": lambda v, w: parse_int(v, w, minimum=0, none_ok=True),
     "fusion": choice(("low_rank", "attention", "mean", "concat")),
     "fusion_rank": lambda v, w: parse_int(v, w, none_ok=True),
-    "backend": parse_text,
+    "backend": parse_backend,
     "layers": parse_layers,
     "freeze_base": parse_bool,
     "grad_checkpointing": parse_bool,
-    "dataset": parse_text,
+    "dataset": lambda v, w: parse_dataset(v, w),
     "data_period": lambda v, w: parse_int(v, w),
     "data_vocab": lambda v, w: parse_int(v, w, minimum=2),
     "passkey_digits": lambda v, w: parse_int(v, w),
@@ -75,6 +78,8 @@ PARSERS = {
     ),
     "device": parse_text,
     "max_batches": lambda v, w: parse_int(v, w, none_ok=True),
+    "max_tokens": parse_count,  # eval
+    "split": lambda v, w: parse_text(v, w).lower(),  # eval; EvalConfig checks the name
 }
 
 TrustRemoteCodeOpt = Annotated[
@@ -121,6 +126,17 @@ def resolved_argv(command: str, names: list[str], values: dict, extra: list[str]
         else:
             argv += [flag_name(name), "none" if value is None else str(value)]
     return argv + extra
+
+
+def parse_dataset(value, where: str) -> str:
+    """A `--dataset` spec; a text file or code folder it names must exist (checked at once: the
+    library, and torch, are imported later)."""
+    spec = parse_text(value, where)
+    try:
+        check_local_dataset(spec)
+    except SetupError as error:
+        raise setup_error(error) from None
+    return spec
 
 
 def setup_error(error: SetupError) -> UserError:

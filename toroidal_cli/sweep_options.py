@@ -11,11 +11,11 @@ from typing import Annotated
 
 import typer
 
-from toroidal.kernels import backend_names
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import dtype_name, parse_device, parse_dtype
 from toroidal_cli.resolve import config_path, load_config
 from toroidal_cli.values import (
+    BACKENDS,
     parse_bool,
     parse_float,
     parse_int,
@@ -42,7 +42,18 @@ AXES = (
     "options",
     "ring_world_size",
 )
-SETTINGS = ("device", "warmup", "repeats", "threads", "memory_budget_gb", "isolate", "paired", "baselines")
+SETTINGS = (
+    "device",
+    "warmup",
+    "repeats",
+    "threads",
+    "memory_budget_gb",
+    "isolate",
+    "paired",
+    "baselines",
+    "max_time",
+    "noisy",
+)
 CONFIG_KEYS = AXES + SETTINGS
 # Sweep keys whose option parameter is named otherwise (for --dry-run's sources and `flags`).
 DRY_RUN_PARAMS = {"lambda": "lambda_", "options": "option"}
@@ -71,7 +82,23 @@ LambdaOpt = Annotated[str | None, typer.Option("--lambda", help="Distance penalt
 PeriodOpt = Annotated[str | None, typer.Option("--period", help="Ring period(s) P, or none for P = N.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 WarmupOpt = Annotated[str | None, typer.Option("--warmup", help="Untimed runs before timing.")]
-RepeatsOpt = Annotated[str | None, typer.Option("--repeats", help="Timed runs per row.")]
+RepeatsOpt = Annotated[str | None, typer.Option("--repeats", help="The fewest timed runs per row.")]
+MaxTimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-time",
+        help="Seconds of timed runs per row: repeat until the spread is under --noisy, "
+        "at most this long (0: exactly --repeats runs).",
+    ),
+]
+NoisyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--noisy",
+        help="Spread (IQR / median of a row's runs) that timing repeats to get under; "
+        "rows above it are marked noisy (0.1 = 10%).",
+    ),
+]
 ThreadsOpt = Annotated[str | None, typer.Option("--threads", help="torch.set_num_threads (default: as is).")]
 MechanismOpt = Annotated[
     str | None,
@@ -98,11 +125,9 @@ _MODE_ALIASES = {
 def _backends(item, where: str) -> list[str]:
     name = str(item).strip().lower()
     if name == "all":
-        return backend_names()
-    if name != "auto" and name not in backend_names():
-        raise UserError(
-            f"{where}: unknown backend {item!r}", f"choose auto, all or {', '.join(backend_names())}"
-        )
+        return list(BACKENDS)
+    if name != "auto" and name not in BACKENDS:
+        raise UserError(f"{where}: unknown backend {item!r}", f"choose auto, all or {', '.join(BACKENDS)}")
     return [name]
 
 
@@ -152,6 +177,8 @@ def _parse_setting(key: str, value, where: str):
         return parse_int(value, where)
     if key == "threads":
         return parse_int(value, where, none_ok=True)
+    if key in ("max_time", "noisy"):
+        return parse_float(value, where)
     if key == "memory_budget_gb":
         return None if str(value).strip().lower() == "none" else parse_float(value, where)
     return parse_bool(value, where)  # isolate, paired, baselines

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 
-from toroidal.mechanisms import mechanism_names
 from toroidal_cli.errors import UserError
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+# The kernel backends `toroidal.kernels` registers, in its order (tests/cli/test_startup.py checks
+# that they agree): backend options are checked against them before torch is imported, so a typo
+# fails at once.
+BACKENDS = ("blockwise", "decomposed", "flash2", "flex", "native", "reference", "sdpa")
 
 
 def split_items(value) -> list:
@@ -107,8 +110,18 @@ def parse_optional_text(value, where: str) -> str | None:
     return parse_text(value, where)
 
 
+def parse_backend(value, where: str) -> str:
+    """A kernel backend name, or auto."""
+    name = parse_text(value, where)
+    if name != "auto" and name not in BACKENDS:
+        raise UserError(f"{where}: unknown backend {value!r}", f"choose auto or {', '.join(BACKENDS)}")
+    return name
+
+
 def parse_mechanism(value, where: str) -> str:
     """A registered mechanism name."""
+    from toroidal.mechanisms import mechanism_names  # the registry imports torch: only when given
+
     name = str(value).strip().lower()
     if name not in mechanism_names():
         raise UserError(f"{where}: unknown mechanism {value!r}", f"choose {', '.join(mechanism_names())}")

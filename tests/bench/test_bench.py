@@ -17,7 +17,6 @@ from toroidal.bench import BenchCase, BenchSweep, ForkWorker, WorkerDied, attent
 from toroidal.functional import selected_backend as chosen_backend
 from toroidal.kernels import BackendUnavailable
 from toroidal_cli.app import app
-from toroidal_cli.commands import bench as bench_command
 from toroidal_cli.results import read_result
 
 runner = CliRunner()
@@ -35,6 +34,8 @@ TINY = [
     "0",
     "--repeats",
     "2",
+    "--max-time",
+    "0",
 ]
 ROW_FIELDS = {
     *bench.KEY_FIELDS,
@@ -115,8 +116,15 @@ def test_table_and_skip_reasons_on_the_terminal():
     assert "1 ok, 2 skipped" in result.stdout
 
 
-def test_skipped_rows_carry_the_backend_reason(tmp_path):
-    record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "flex,flash2", "--mode", "fwd+bwd")
+def test_skipped_rows_carry_the_backend_reason_and_measuring_nothing_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # no load warning on stderr
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--no-isolate", "--backend", "flex,flash2", "--mode", "fwd+bwd", "--out", str(out))
+    assert_one_line_error(result, "nothing was measured: every row was skipped or failed (2 skipped)", "in ")
+    assert str(out) in " ".join(result.stderr.split())  # where the rows and their reasons went
+    assert "forward-only" in result.stdout  # the table with the reasons came first
+    record = read_result(out, command="bench")  # and the result was still written
+    assert record["summary"]["ok"] == 0 and record["summary"]["skipped"] == 2
     reasons = {row["backend"]: row["reason"] for row in record["rows"]}
     assert all(row["status"] == "skipped" for row in record["rows"])
     assert "forward-only" in reasons["flex"]
@@ -143,9 +151,12 @@ def test_out_of_memory_becomes_an_oom_row(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
-    monkeypatch.setattr(measure, "time_call", out_of_memory)  # unpaired timing
-    monkeypatch.setattr(measure, "timed_run", out_of_memory)  # paired timing
-    record = run_to_json(tmp_path, *TINY, "--no-isolate", "--backend", "sdpa,blockwise")
+    monkeypatch.setattr(measure, "timed_rounds", out_of_memory)  # the timed runs
+    monkeypatch.setattr(measure, "timed_run", out_of_memory)  # a first run inside the memory measurement
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--no-isolate", "--backend", "sdpa,blockwise", "--out", str(out))
+    assert result.exit_code == 1 and "nothing was measured" in result.stderr  # every row failed
+    record = read_result(out, command="bench")
     assert [row["status"] for row in record["rows"]] == ["oom", "oom"]
     assert "Tried to allocate" in record["rows"][0]["reason"]
     assert record["summary"]["oom"] == 2
@@ -235,7 +246,7 @@ def test_compare_with_malformed_rows_fails_before_running(tmp_path, monkeypatch,
     record["rows"] = rows
     old = tmp_path / "old.json"
     old.write_text(json.dumps(record))
-    monkeypatch.setattr(bench_command, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))  # read at run time
     assert_one_line_error(invoke(*TINY, "--compare", str(old)), "has no list of 'rows'")
 
 
@@ -247,7 +258,7 @@ def test_an_out_path_that_cannot_be_written_fails_before_running(tmp_path, monke
     blocker = tmp_path / "a-file"
     blocker.write_text("kept")
     # Running would be a failure: the sweep must not start.
-    monkeypatch.setattr(bench_command, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))  # read at run time
     result = invoke(*TINY, "--out", str(blocker / "sub" / "run.json"))
     assert_one_line_error(result, "cannot write --out", "is not a folder")
     assert blocker.read_text() == "kept"
@@ -376,7 +387,7 @@ def test_in_process_rows_do_not_inherit_cached_masks():
     from toroidal_cli.commands.bench import build_sweep, read_options
 
     sweep = build_sweep(read_options(None, {"backend": "sdpa", "isolate": False}, "quick") | {"seq_len": [8]})
-    sweep.warmup, sweep.repeats = 0, 1
+    sweep.warmup, sweep.repeats, sweep.max_time = 0, 1, 0.0
     bench.run_sweep(sweep)
     assert not get_backend("sdpa")._cache
 

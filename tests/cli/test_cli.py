@@ -115,9 +115,9 @@ def test_table_cells_are_not_rich_markup():
     from toroidal_cli import render
 
     out = Console(width=200, record=True)
-    rows = [{"name": "x", "status": "skip", "detail": "pip install 'toroidal[gpu]'"}]
+    rows = [{"name": "x", "status": "skip", "detail": 'pip install "toroidal-attention[gpu]"'}]
     out.print(render.table(rows, [render.Column("name"), render.Column("status"), render.Column("detail")]))
-    assert "toroidal[gpu]" in out.export_text()
+    assert "toroidal-attention[gpu]" in out.export_text()
 
 
 def test_config_errors_become_user_errors():

@@ -120,6 +120,42 @@ def test_plot_several_bench_files_name_their_series(bench_file, tmp_path):
     assert "other reference" in numbers["panels"][0]["series"]
 
 
+def _bench_file(path: Path, rows: list[dict]) -> Path:
+    return write_result(path, make_record("bench", {}, {"rows": rows, "summary": {}}))
+
+
+@needs_matplotlib
+def test_files_of_one_n_each_draw_one_line_per_backend_across_them(tmp_path):
+    files = [
+        _bench_file(tmp_path / f"n{n}.json", [bench_row(b, n, 2) for b in ("reference", "sdpa")])
+        for n in (16, 32)
+    ]
+    out = tmp_path / "lines.png"
+    result = invoke("bench", *map(str, files), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    (panel,) = assert_plot(out, plots.BENCH_SIZE)["panels"]
+    assert set(panel["series"]) == {"reference", "sdpa"}  # merged: no file names in the series
+    for name, line in panel["series"].items():
+        assert line["seq_len"] == [16, 32], name
+        assert line["median_ms"] == [bench_row(name, n, 2)["median_ms"] for n in (16, 32)]
+
+
+@needs_matplotlib
+def test_a_backend_has_one_colour_in_every_panel(tmp_path):
+    # Depth 1 holds only sdpa, depth 2 both: colours come from the sorted names, not the order met.
+    rows = [bench_row("sdpa", n, 1) for n in (16, 32)]
+    rows += [bench_row(b, n, 2) for b in ("sdpa", "reference") for n in (16, 32)]
+    out = tmp_path / "colours.png"
+    assert invoke("bench", str(_bench_file(tmp_path / "b.json", rows)), "--out", str(out)).exit_code == 0
+    panels = assert_plot(out, plots.BENCH_SIZE)["panels"]
+    colours = {}
+    for panel in panels:
+        for name, line in panel["series"].items():
+            assert colours.setdefault(name, line["color"]) == line["color"], name
+    assert set(colours) == {"reference", "sdpa"} and len(set(colours.values())) == 2
+    assert colours == {"reference": "C0", "sdpa": "C1"}
+
+
 @needs_matplotlib
 def test_plot_train(run_dir, tmp_path):
     out = tmp_path / "train.png"

@@ -24,12 +24,13 @@ from toroidal.kernels import BackendUnavailable, get_backend, select
 from toroidal.kernels import flash_adapter as fa
 from toroidal.kernels.flash2 import plan_calls, torus_flash_attention, unsupported_call
 from toroidal.kernels.flash_adapter import FlashAttnAdapter, TorchFlashAdapter
+from toroidal.runtime.install import install_command
 
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 GPU_REASON = (
     "needs a CUDA GPU"
     if not torch.cuda.is_available()
-    else ("needs flash-attn (pip install 'toroidal[gpu]')" if not HAS_FLASH else "")
+    else (f"needs flash-attn ({install_command('gpu')})" if not HAS_FLASH else "")
 )
 needs_gpu_flash = pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON)
 FLASH2 = get_backend("flash2")
@@ -297,7 +298,7 @@ def test_on_the_cpu_the_first_reason_is_the_gpu():
 @pytest.mark.parametrize(
     ("api", "capability", "dtype", "reason"),
     [
-        ("flash-attn is not installed (pip install 'toroidal[gpu]')", (9, 0), torch.float16, "not installed"),
+        ("flash-attn is not installed (pip install ...)", (9, 0), torch.float16, "not installed"),
         (None, (7, 5), torch.float16, "Ampere or newer GPU (sm80+), found sm75"),
         (None, (9, 0), torch.float32, "flash2 needs fp16/bf16 (got float32)"),
         (None, (8, 0), torch.bfloat16, None),

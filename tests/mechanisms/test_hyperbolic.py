@@ -3,6 +3,7 @@ contract (causality, padding, decoding), metrics, learnable parameters, and `val
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ from toroidal.mechanisms.hyperbolic import (
     pairwise_distance,
     to_ball,
 )
+from toroidal.runtime.install import install_command
 from toroidal.validate import FAIL, PASS
 from toroidal.validate.mechanisms import (
     check_hyperbolic_geometry,
@@ -320,7 +322,8 @@ def test_registered_as_a_mechanism_of_its_own():
 
 def test_missing_geoopt_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "geoopt", None)  # makes `import geoopt` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[hyperbolic\]'"):
+    hint = re.escape(f"needs geoopt, from the hyperbolic extra: {install_command('hyperbolic')}")
+    with pytest.raises(ImportError, match=hint):
         HyperbolicKernel(H, E)
 
 

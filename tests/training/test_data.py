@@ -161,7 +161,11 @@ def test_text_file_splits_at_a_line_into_train_and_last_tenth(tmp_path):
     assert texts["train"] + texts["validation"] == TEXT
     assert texts["train"].endswith("\n") and texts["validation"].startswith("Line ")
     assert 0.08 < len(texts["validation"]) / len(TEXT) < 0.12
-    assert load_eval_text(parse_dataset_spec(f"text:{path}")) == TEXT  # eval: the whole file
+    spec = parse_dataset_spec(f"text:{path}")
+    assert load_eval_text(spec) == texts["validation"]  # eval: what train held out, by default
+    assert load_eval_text(spec, "all") == TEXT and load_eval_text(spec, "train") == texts["train"]
+    with pytest.raises(SetupError, match="endless stream"):
+        load_eval_text(parse_dataset_spec("periodic"), "all")
 
 
 def test_text_dataset_chunks_cover_the_stream_once():

@@ -11,7 +11,7 @@ from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from toroidal.training import TrainConfig, evaluate_lm, load_run, train
-from toroidal.training.data import make_dataset, parse_dataset_spec
+from toroidal.training.data import make_dataset, parse_dataset_spec, split_text
 from toroidal.training.errors import CheckpointError
 from toroidal.training.evaluate import EvalConfig, evaluate
 from toroidal_cli.app import app
@@ -68,7 +68,12 @@ def test_eval_checkpoint_writes_a_result(runs, tmp_path):
     metrics = record["metrics"]
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-6)
     assert metrics["bits_per_byte"] == pytest.approx(metrics["bits_per_token"])  # bytes tokenizer
-    assert metrics["tokens"] == (len(TEXT.encode()) - 1) // 16 * 16  # the whole file, in chunks
+    held_out = split_text(TEXT)[1]  # what `train` held out: never the training text by default
+    assert metrics["tokens"] == (len(held_out.encode()) - 1) // 16 * 16
+    scored = record["scored"]
+    assert scored["dataset"] == f"text:{runs['text']}" and scored["split"] == "heldout"
+    assert scored["seq_len"] == 16 and scored["tokens"] == metrics["tokens"]
+    assert len(scored["fingerprint"]) == 16 and int(scored["fingerprint"], 16) >= 0
     assert record["config"]["attention"] == "toroidal" and record["config"]["toroidal_layers"] == [1]
     assert record["config"]["seq_len"] == 16  # the run's options are the defaults
     assert record["command"]["argv"][-2:] == ["--checkpoint", str(runs["toroidal"])]
@@ -268,3 +273,120 @@ def test_checkpoint_with_model_options_or_a_bad_compare_file(runs, tmp_path):
         invoke("--model", "micro", "--compare", str(train_record)), "expected 'toroidal.eval'"
     )
     train_record.unlink()
+
+
+# --- what was scored: token budgets, splits, fingerprints ------------------------------------------------
+
+
+def test_a_token_budget_scores_the_same_text_at_any_batch_size(runs):
+    text = f"text:{runs['text']}"
+    common = dict(checkpoint=str(runs["baseline"]), dataset=text, split="all", seq_len=16)
+    small, large = (evaluate(EvalConfig(**common, batch_size=b, max_tokens=1000)) for b in (2, 8))
+    assert small.scored == large.scored  # ceil(1000 / 16) = 63 samples, whatever the batch size
+    assert small.scored["tokens"] == 63 * 16 and small.metrics["samples"] == 63
+    assert small.metrics["loss"] == pytest.approx(large.metrics["loss"], rel=1e-5)
+    # --max-batches counts batches: a different amount of text for another batch size.
+    by_batches = [evaluate(EvalConfig(**common, batch_size=b, max_batches=8)).scored for b in (2, 8)]
+    assert by_batches[0]["tokens"] * 4 == by_batches[1]["tokens"]
+    assert by_batches[0]["fingerprint"] != by_batches[1]["fingerprint"]
+
+
+def test_text_scores_the_held_out_split_unless_told(runs, tmp_path):
+    tokens = {}
+    for split in ("heldout", "all", "train"):
+        out = tmp_path / f"{split}.json"
+        args = ["--checkpoint", str(runs["baseline"]), "--dataset", f"text:{runs['text']}"]
+        result = invoke(*args, *(["--split", split] if split != "heldout" else []), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        record = read_result(out)
+        assert record["scored"]["split"] == split and record["config"]["split"] == split
+        tokens[split] = record["scored"]["tokens"]
+    train, held_out = split_text(TEXT)
+    assert tokens == {
+        "heldout": (len(held_out) - 1) // 16 * 16,
+        "all": (len(TEXT) - 1) // 16 * 16,
+        "train": (len(train) - 1) // 16 * 16,
+    }
+
+
+def test_synthetic_data_records_its_test_stream(runs, tmp_path):
+    out = tmp_path / "periodic.json"
+    result = invoke("--checkpoint", str(runs["baseline"]), "--max-tokens", "100", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    scored = read_result(out)["scored"]
+    assert scored["dataset"] == "periodic" and scored["split"] == "test"
+    assert scored["tokens"] == 112 and scored["samples"] == 7  # ceil(100 / 16) samples
+    assert_one_line_error(invoke("--checkpoint", str(runs["baseline"]), "--split", "all"), "endless stream")
+    assert_one_line_error(invoke("--model", "micro", "--split", "some"), "--split 'some'")
+
+
+def test_max_tokens_and_max_batches_do_not_combine(runs):
+    assert_one_line_error(
+        invoke("--checkpoint", str(runs["baseline"]), "--max-tokens", "4k", "--max-batches", "2"),
+        "--max-tokens and --max-batches",
+    )
+    assert_one_line_error(invoke("--model", "micro", "--force"), "--force only applies with --compare")
+
+
+@pytest.fixture(scope="module")
+def periodic_results(runs):
+    """Eval results of the baseline run on periodic data: 64 tokens and 2 x 64 tokens."""
+    paths = {}
+    for name, batches in (("one", "1"), ("two", "2")):
+        paths[name] = runs["root"] / f"periodic-{name}.json"
+        args = ["--checkpoint", str(runs["baseline"]), "--max-batches", batches, "--out", str(paths[name])]
+        assert invoke(*args).exit_code == 0
+    return paths
+
+
+def test_compare_refuses_results_scored_on_other_text(runs, periodic_results, tmp_path):
+    this = ["--checkpoint", str(runs["toroidal"])]
+    other = str(periodic_results["two"])
+    # Another token count: refused before the work, in one line.
+    refused = invoke(*this, "--max-batches", "1", "--compare", other)
+    assert_one_line_error(refused, "--compare:", "scored 128 tokens", "this run 64 tokens", "--force")
+    assert "loss" not in refused.stdout
+    # The same count of other tokens (another seed): refused after the work, whose result is kept.
+    out = tmp_path / "kept.json"
+    late = invoke(*this, "--max-batches", "2", "--seed", "1", "--compare", other, "--out", str(out))
+    assert_one_line_error(late, "--compare:", "fingerprint", "--force")
+    kept = read_result(out)
+    assert "comparison" not in kept and kept["scored"]["tokens"] == 128
+    # The same text: compared.
+    assert invoke(*this, "--max-batches", "2", "--compare", other).exit_code == 0
+
+
+def test_force_compares_other_text_but_marks_it(runs, periodic_results, tmp_path):
+    out = tmp_path / "forced.json"
+    args = ["--checkpoint", str(runs["toroidal"]), "--max-batches", "1"]
+    result = invoke(*args, "--compare", str(periodic_results["two"]), "--force", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "warning: compared across different text" in result.stderr
+    assert "DIFFERENT TEXT" in result.stdout and "perplexity" in result.stdout
+    comparison = read_result(out)["comparison"]
+    assert comparison["same_text"] is False and "scored 128 tokens" in comparison["different_text"]
+    assert comparison["rows"]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["refused", "forced"])
+def test_the_gate_never_applies_across_texts(runs, periodic_results, force):
+    # A huge threshold: the gate would pass on the numbers; it must not pass on other text.
+    args = ["--checkpoint", str(runs["baseline"]), "--max-batches", "1", "--fail-on-regression", "1000"]
+    result = invoke(*args, "--compare", str(periodic_results["two"]), *force)
+    assert_one_line_error(result, "--fail-on-regression cannot apply", "scored 128 tokens")
+    same = invoke(*args, "--compare", str(periodic_results["one"]), *force)
+    assert same.exit_code == 0, same.output
+
+
+def test_a_result_that_records_no_text_is_refused(runs, periodic_results, tmp_path):
+    record = read_result(periodic_results["one"])
+    del record["scored"]  # as an older toroidal eval wrote it
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(record))
+    args = ["--checkpoint", str(runs["baseline"]), "--max-batches", "1", "--compare", str(old)]
+    refused = invoke(*args)
+    assert_one_line_error(refused, "does not record the text it scored", "--force")
+    assert "loss" not in refused.stdout  # before the work
+    forced = invoke(*args, "--force")
+    assert forced.exit_code == 0 and "warning: compared across different text" in forced.stderr
+    assert_one_line_error(invoke(*args, "--force", "--fail-on-regression", "5"), "cannot apply")

@@ -27,7 +27,7 @@ from toroidal.bench.rows import (
     BenchResult,
     is_out_of_memory,
 )
-from toroidal.bench.sweep import run_sweep
+from toroidal.bench.sweep import load_warning, run_sweep
 from toroidal.bench.worker import ForkWorker, WorkerDied, can_isolate
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "case_estimate",
     "case_shape",
     "is_out_of_memory",
+    "load_warning",
     "materialized_bytes",
     "run_sweep",
     "sweep_options",

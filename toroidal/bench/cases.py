@@ -12,6 +12,7 @@ from toroidal.kernels import backend_names
 from toroidal.mechanisms import get_mechanism
 from toroidal.runtime import memory
 from toroidal.runtime.devices import DTYPES
+from toroidal.runtime.timing import NOISY
 
 MODES = ("fwd", "fwd+bwd", "stream")  # stream: one decoding step, see toroidal.bench.stream
 BACKWARD_FLOP_FACTOR = 3.5  # fwd+bwd = forward + 2.5x forward (FlashAttention's convention)
@@ -140,13 +141,17 @@ class BenchSweep:
     options: dict[str, list] = field(default_factory=dict)  # mechanism option -> values to sweep
     device: str = "cpu"
     warmup: int = 3  # one warm-up left the first row of a sweep up to 37% slow on CPU
-    repeats: int = 5
+    repeats: int = 5  # the fewest timed runs per row
     threads: int | None = None
     memory_budget_gb: float | None = None  # skip rows whose materialized scores would exceed it
     isolate: bool | None = None  # CPU rows in forked workers; None: wherever it is possible
     paired: bool = True  # baselines timed with each row, alternating (see toroidal.bench.sweep)
     baselines: bool = True  # False: no SDPA baselines, no ratios (scaling runs where SDPA is too slow)
     ring_world_size: list[int] = field(default_factory=list)  # extra `ring` rows on W processes each
+    # Seconds of timed runs per row: after `repeats` runs, repeat until the spread (IQR / median) of
+    # the row's and its paired baselines' runs is below `noisy`, at most this long (0: `repeats` runs).
+    max_time: float = 3.0
+    noisy: float = NOISY  # a row whose spread stays above it is marked noisy
 
     def __post_init__(self) -> None:
         if self.d_model is not None and self.head_dim is not None:
@@ -178,6 +183,8 @@ class BenchSweep:
             )
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if not 0 <= self.max_time < float("inf") or not 0 < self.noisy < float("inf"):
+            raise ValueError(f"max_time must be >= 0 and noisy > 0, got {self.max_time:g} and {self.noisy:g}")
         if any(world < 1 for world in self.ring_world_size):
             raise ValueError(f"ring world sizes must be >= 1, got {self.ring_world_size}")
 

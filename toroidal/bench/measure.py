@@ -14,7 +14,7 @@ from toroidal.functional import toroidal_attention
 from toroidal.kernels import backend_names, get_backend
 from toroidal.mechanisms import build_kernel, get_mechanism
 from toroidal.runtime.devices import DTYPES
-from toroidal.runtime.timing import PeakMemory, device_sync, time_call, timed_run
+from toroidal.runtime.timing import NOISY, PeakMemory, StopRule, device_sync, timed_rounds, timed_run
 
 ERROR_MAX_PLATTER_TOKENS = 16384  # above this, the exact attention for the error column costs too much
 
@@ -27,13 +27,20 @@ class Timing:
 
     device: str = "cpu"
     warmup: int = 3
-    repeats: int = 5
+    repeats: int = 5  # the fewest timed runs
     threads: int | None = None
     isolated: bool = False
     # Time each row's plain-SDPA baselines in the same process, alternating with the row's own
     # runs, so that a ratio compares runs made moments apart on a machine whose speed drifts.
     paired: bool = True
     baselines: bool = True  # False: time the rows only (overhead and vs_standard stay null)
+    # Seconds of timed runs per measurement: repeat until the spread (IQR / median) of every timed
+    # series is below `noisy`, at most this long. 0: exactly `repeats` runs.
+    max_time: float = 0.0
+    noisy: float = NOISY
+
+    def stop_rule(self) -> StopRule:
+        return StopRule(min_runs=self.repeats, max_time=self.max_time, target=self.noisy)
 
 
 @dataclass
@@ -66,8 +73,10 @@ def measure_steps(
 ) -> Measurement:
     """Time `make_step(device)()`; with `paired`, alternate each round with one run of every baseline.
 
-    Peak memory covers the step's setup and warm-up runs (and its first timed run when there is
-    no warm-up), never the baselines, which are set up after it.
+    Rounds repeat until `timing.stop_rule()` stops them: at least `repeats`, then until the row's and
+    every baseline's runs are stable or `max_time` is spent. Peak memory covers the step's setup and
+    warm-up runs (and its first timed run when there is no warm-up), never the baselines, which are
+    set up after it.
     """
     device = torch.device(timing.device)
     if timing.threads is not None:
@@ -77,21 +86,21 @@ def measure_steps(
     if not paired:
         with PeakMemory(device, timing.isolated) as peak:
             step = make_step(device)
-            times = time_call(step, timing.warmup, timing.repeats, sync)
+            for _ in range(timing.warmup):
+                step()
+            (times,) = timed_rounds([step], timing.stop_rule(), sync)
         return Measurement(times, peak.bytes, peak.method)
     with PeakMemory(device, timing.isolated) as peak:
         step = make_step(device)
         for _ in range(timing.warmup):
             step()
-        times = [] if timing.warmup else [timed_run(step, sync)]
+        first = [] if timing.warmup else [timed_run(step, sync)]
     baselines = paired_steps(paired, device, timing.warmup)
-    baseline_times = {name: [] if callable(s) else s for name, s in baselines.items()}
-    for round_ in range(timing.repeats):
-        if round_ >= len(times):
-            times.append(timed_run(step, sync))
-        for name, baseline in baselines.items():
-            if callable(baseline):
-                baseline_times[name].append(timed_run(baseline, sync))
+    running = [name for name, baseline in baselines.items() if callable(baseline)]
+    times, *paired_times = timed_rounds(
+        [step, *(baselines[name] for name in running)], timing.stop_rule(), sync, made=[first]
+    )
+    baseline_times = {**baselines, **dict(zip(running, paired_times, strict=True))}
     return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
 
 

@@ -4,6 +4,7 @@ each holding one sequence shard (docs/internals.md "Measuring" says how ranks ar
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,14 @@ def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Mea
         baselines = paired_steps(factories, device, timing.warmup)
         torch.set_num_threads(ring_threads)
     baseline_times = {name: [] if callable(run) else run for name, run in baselines.items()}
-    for round_ in range(timing.repeats):
+    rule, start, round_ = timing.stop_rule(), time.perf_counter(), 0
+    while True:
+        # Rank 0, which holds the baselines, decides for every rank when the rounds stop.
+        series = [times, *(runs for runs in baseline_times.values() if not isinstance(runs, str))]
+        stop = torch.tensor([int(rule.done(series, time.perf_counter() - start))], device=device)
+        dist.broadcast(stop, src=0)
+        if stop.item():
+            break
         if round_ >= len(times):
             times.append(timed_run(step, sync))
         torch.set_num_threads(all_threads)
@@ -87,6 +95,7 @@ def _measure_rank(rank: int, world: int, case: BenchCase, timing: Timing) -> Mea
             if callable(baseline):
                 baseline_times[name].append(timed_run(baseline, local_sync))
         torch.set_num_threads(ring_threads)
+        round_ += 1
     return Measurement(times, peak.bytes, peak.method, baseline_times=baseline_times)
 
 

@@ -3,7 +3,6 @@ row statuses, the rows of problems, and the result record of a sweep."""
 
 from __future__ import annotations
 
-import math
 import signal
 import statistics
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 
 from toroidal.bench.cases import BenchCase
 from toroidal.bench.worker import WorkerDied
-from toroidal.runtime.timing import TELEMETRY_FIELDS
+from toroidal.runtime.timing import TELEMETRY_FIELDS, percentile, spread
 
 OK, SKIPPED, OOM, ERROR = "ok", "skipped", "oom", "error"
 
@@ -48,6 +47,10 @@ METRIC_FIELDS = (
     "overhead",
     "vs_standard",
     "error",
+    "runs",  # timed runs of the row (--repeats at least; more until stable, within --max-time)
+    "spread",  # IQR / median of the row's runs (null for a single run)
+    "baseline_spread",  # the largest IQR / median among the runs of the row's paired baselines
+    "noisy",  # spread or baseline_spread above the sweep's --noisy threshold
 )
 
 
@@ -86,13 +89,6 @@ def failed_row(case: BenchCase, error: BaseException, chosen: str | None = None)
     return empty_row(case, status, f"{type(error).__name__}: {error}".strip(), chosen)
 
 
-def percentile(times: list[float], fraction: float) -> float:
-    ordered = sorted(times)
-    position = fraction * (len(ordered) - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def time_fields(times: list[float]) -> dict:
     """median_ms, p10_ms and p90_ms of run times in seconds."""
     return {
@@ -102,6 +98,20 @@ def time_fields(times: list[float]) -> dict:
     }
 
 
+def stability_fields(times: list[float], baselines: list[list[float]], threshold: float) -> dict:
+    """runs, spread, baseline_spread and noisy of a row from its run times and its paired baselines'.
+
+    A ratio is as trustworthy as its noisier side, so a noisy baseline makes the row noisy too.
+    """
+    own = spread(times)
+    others = [value for value in map(spread, baselines) if value is not None]
+    worst = max(others, default=None)
+    known = [value for value in (own, worst) if value is not None]
+    noisy = any(value > threshold for value in known) if known else None
+    return {"runs": len(times), "spread": own, "baseline_spread": worst, "noisy": noisy}
+
+
 def summarize(rows: list[dict], seconds: float) -> dict:
     counts = {status: sum(row["status"] == status for row in rows) for status in (OK, SKIPPED, OOM, ERROR)}
-    return {"rows": len(rows), **counts, "seconds": round(seconds, 2)}
+    noisy = sum(bool(row.get("noisy")) for row in rows)
+    return {"rows": len(rows), **counts, "noisy": noisy, "seconds": round(seconds, 2)}

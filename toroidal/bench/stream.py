@@ -13,13 +13,13 @@ import torch
 from toroidal.attention import ToroidalAttention
 from toroidal.bench.cases import BenchCase
 from toroidal.bench.measure import Measurement, Timing
-from toroidal.bench.rows import OK, SKIPPED, empty_row, failed_row, time_fields
+from toroidal.bench.rows import OK, SKIPPED, empty_row, failed_row, stability_fields, time_fields
 from toroidal.config import ToroidalConfig
 from toroidal.functional import selected_backend
 from toroidal.kernels import BackendUnavailable
 from toroidal.kv_cache import KVCache
 from toroidal.runtime.devices import DTYPES
-from toroidal.runtime.timing import PeakMemory, device_sync, time_call
+from toroidal.runtime.timing import PeakMemory, device_sync, timed_rounds
 from toroidal.streaming import LatentKV, StreamingToroidalAttention, slot_of
 
 STREAM = "stream"
@@ -123,7 +123,9 @@ def measure_decode_step(case: BenchCase, timing: Timing, path: str) -> Measureme
         _step(replace(case, seq_len=1), path, module, device, latent_size=1)()
     with torch.no_grad(), PeakMemory(device, timing.isolated) as peak:
         step = _step(case, path, module, device)
-        times = time_call(step, timing.warmup, timing.repeats, sync)
+        for _ in range(timing.warmup):
+            step()
+        (times,) = timed_rounds([step], timing.stop_rule(), sync)
     return Measurement(times, peak.bytes, peak.method)
 
 
@@ -173,6 +175,7 @@ def bench_stream_case(case: BenchCase, run: Callable, timing: Timing, budget_gb:
         stream_vs_kv_cache=median / cached_median,
         state_bytes=state_bytes,
         kv_cache_bytes=cache_bytes,
+        **stability_fields(stream.times, [cached.times], timing.noisy),  # the KV-cache step: the baseline
     )
     if stream.peak_memory_bytes is not None:
         row["peak_memory_mb"] = stream.peak_memory_bytes / _MB

@@ -24,12 +24,21 @@ from toroidal.bench.cases import (
 )
 from toroidal.bench.measure import Timing, clear_backend_caches, measure_sdpa, measure_toroidal
 from toroidal.bench.ring import measure_ring, ring_chosen
-from toroidal.bench.rows import OK, SKIPPED, BenchResult, empty_row, failed_row, summarize, time_fields
+from toroidal.bench.rows import (
+    OK,
+    SKIPPED,
+    BenchResult,
+    empty_row,
+    failed_row,
+    stability_fields,
+    summarize,
+    time_fields,
+)
 from toroidal.bench.stream import bench_stream_case
 from toroidal.bench.worker import can_isolate, runner
 from toroidal.kernels import BackendUnavailable
 from toroidal.runtime import memory
-from toroidal.runtime.timing import GpuTelemetry
+from toroidal.runtime.timing import GpuTelemetry, load_average
 
 _MB = 1024**2
 
@@ -109,6 +118,8 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
     )
     if measured.peak_memory_bytes is not None:
         row["peak_memory_mb"] = measured.peak_memory_bytes / _MB
+    paired_runs = [runs for runs in measured.baseline_times.values() if not isinstance(runs, str)]
+    row.update(stability_fields(measured.times, paired_runs, timing.noisy))
     if not timing.baselines:
         return row
     calls = baseline_calls(case)
@@ -130,6 +141,24 @@ def bench_case(case: BenchCase, run: Callable, baselines: _Baselines, timing: Ti
     return row
 
 
+def sweep_threads(sweep: BenchSweep) -> int:
+    """The threads a sweep's rows use: its `threads`, else torch's current setting."""
+    return sweep.threads or torch.get_num_threads()
+
+
+def load_warning(sweep: BenchSweep) -> str | None:
+    """One line when a CPU sweep starts on a machine whose load average exceeds the threads it uses:
+    other work competes for the cores, and rows will be slow and noisy."""
+    load = load_average()
+    threads = sweep_threads(sweep)
+    if torch.device(sweep.device).type != "cpu" or load is None or load <= threads:
+        return None
+    return (
+        f"the machine's load average is {load:.1f}, more than the {threads} thread(s) this sweep uses: "
+        "other work competes for the CPU and times will be noisy"
+    )
+
+
 def run_sweep(
     sweep: BenchSweep,
     *,
@@ -146,14 +175,17 @@ def run_sweep(
     isolate = device.type == "cpu" and (can_isolate() if sweep.isolate is None else sweep.isolate)
     if isolate and not can_isolate():
         raise ValueError("isolated CPU measurements need Linux (fork and /proc)")
+    load = load_average()
     timing = Timing(
         str(device),
         sweep.warmup,
         sweep.repeats,
-        sweep.threads or torch.get_num_threads(),
+        sweep_threads(sweep),
         isolate,
         sweep.paired,
         sweep.baselines,
+        max_time=sweep.max_time,
+        noisy=sweep.noisy,
     )
     telemetry = GpuTelemetry(device)
     notes = [telemetry.note] if telemetry.note else []
@@ -180,5 +212,6 @@ def run_sweep(
             if on_row is not None:
                 on_row(row)
     summary = {**summarize(rows, time.perf_counter() - start), "isolated": isolate, "threads": timing.threads}
+    summary["load_average"] = load  # at the start, 1 minute
     summary["partial"] = partial
     return BenchResult(rows, summary, notes, partial)

@@ -4,9 +4,32 @@
 Importing needs neither lm-eval nor datasets; running does.
 """
 
-from toroidal.longcontext.runner import LongContextConfig, LongContextResult, ProgressEvent, run
-from toroidal.longcontext.tasks import LONGBENCH, SCROLLS, SUITES, resolve_tasks
-from toroidal.training.loading import LoadedModel, ModelSpec, load_model
+from typing import TYPE_CHECKING
+
+from toroidal.runtime.lazy import lazy_exports
+
+# Imported on first use: the task tables (`toroidal.longcontext.tasks`) import no torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "LongContextConfig": "toroidal.longcontext.runner",
+        "LongContextResult": "toroidal.longcontext.runner",
+        "ProgressEvent": "toroidal.longcontext.runner",
+        "run": "toroidal.longcontext.runner",
+        "LONGBENCH": "toroidal.longcontext.tasks",
+        "SCROLLS": "toroidal.longcontext.tasks",
+        "SUITES": "toroidal.longcontext.tasks",
+        "resolve_tasks": "toroidal.longcontext.tasks",
+        "LoadedModel": "toroidal.training.loading",
+        "ModelSpec": "toroidal.training.loading",
+        "load_model": "toroidal.training.loading",
+    },
+)
+
+if TYPE_CHECKING:
+    from toroidal.longcontext.runner import LongContextConfig, LongContextResult, ProgressEvent, run
+    from toroidal.longcontext.tasks import LONGBENCH, SCROLLS, SUITES, resolve_tasks
+    from toroidal.training.loading import LoadedModel, ModelSpec, load_model
 
 __all__ = [
     "LONGBENCH",

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from toroidal.runtime.install import config_folders, install_command
 from toroidal.training.errors import SetupError
 
 
@@ -81,8 +82,6 @@ SYNTHETIC_PREFIX = "toroidal_"
 SHIPPED_LENGTHS = (1024, 2048, 4096, 8192)
 NUM_DOCS = 100
 TEMPLATE_FOLDER = "toroidal"
-# ./configs/tasks (the working directory) wins over the source checkout's.
-TASK_FOLDERS = (Path("configs") / "tasks", Path(__file__).resolve().parents[2] / "configs" / "tasks")
 _VARIANT = re.compile(rf"(?:{SYNTHETIC_PREFIX})?({'|'.join(sorted(SYNTHETIC, key=len, reverse=True))})_(\d+)")
 
 
@@ -136,12 +135,12 @@ def resolve_tasks(
 
 
 def template_folder() -> Path:
-    for folder in TASK_FOLDERS:
+    for folder in config_folders("tasks"):  # ./configs/tasks first, then the shipped ones
         if (folder / TEMPLATE_FOLDER / SYNTHETIC["passkey"]).is_file():
             return (folder / TEMPLATE_FOLDER).resolve()
     raise SetupError(
-        "the synthetic task templates (configs/tasks/toroidal) are not found",
-        "run from a toroidal source checkout or its parent folder",
+        f"the synthetic task templates ({config_folders('tasks')[1] / TEMPLATE_FOLDER}) are not found",
+        f"reinstall toroidal ({install_command()})",
     )
 
 

@@ -1,12 +1,16 @@
-"""Measuring on a device: the fence before and after a timed run, timed runs with warm-up,
-the peak memory a block of code adds, per-measurement GPU telemetry (NVML), and the profiler
-ranges that modules label their stages with."""
+"""Measuring on a device: the fence before and after a timed run, timed runs with warm-up, the rule
+that repeats them until their spread is small (`StopRule`, `timed_rounds`), the peak memory a block
+of code adds, per-measurement GPU telemetry (NVML), and the profiler ranges modules label stages with."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.autograd import profiler as autograd_profiler
@@ -14,6 +18,10 @@ from torch.autograd import profiler as autograd_profiler
 STAGE_PREFIX = "toroidal::"  # profiler ranges of the stages of a layer (`toroidal profile` reads them)
 TELEMETRY_FIELDS = ("gpu_name", "gpu_util_pct", "gpu_memory_used_mb", "gpu_power_w")
 _MB = 1024**2
+# The stopping rule of torch.utils.benchmark's `Timer.adaptive_autorange`, applied per run (see StopRule).
+NOISY = 0.10  # spread (IQR / median) above which a measurement is noisy: adaptive_autorange's threshold
+MIN_TIME = 0.2  # seconds of runs before a small spread may stop them (adaptive_autorange: > 3 x 0.05 s)
+MIN_SAMPLES = 5  # runs per series before its spread may stop them (adaptive_autorange wants more than 3)
 
 
 def _nothing() -> None:
@@ -44,13 +52,15 @@ def synchronize(device: str | torch.device) -> None:
     device_sync(device)()
 
 
-def timed_run(step: Callable[[], object], sync: Callable[[], None]) -> float:
+def timed_run(
+    step: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Seconds of one run of `step`, fenced by `sync` on both sides."""
     sync()
-    start = time.perf_counter()
+    start = clock()
     step()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def time_call(step: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> list[float]:
@@ -58,6 +68,81 @@ def time_call(step: Callable[[], object], warmup: int, repeats: int, sync: Calla
     for _ in range(warmup):
         step()
     return [timed_run(step, sync) for _ in range(repeats)]
+
+
+def percentile(times: Sequence[float], fraction: float) -> float:
+    """The `fraction` quantile of `times`, interpolated linearly between the nearest runs."""
+    ordered = sorted(times)
+    position = fraction * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def spread(times: Sequence[float]) -> float | None:
+    """The interquartile range over the median of run times (None for fewer than two runs)."""
+    if len(times) < 2:
+        return None
+    median = statistics.median(times)
+    iqr = percentile(times, 0.75) - percentile(times, 0.25)
+    return iqr / median if median > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When timed runs may stop: `Timer.adaptive_autorange`'s rule, counted in runs, not blocks.
+
+    Never before `min_runs` runs of every series; then once every series' spread is below `target`,
+    with at least MIN_SAMPLES runs and `min_time` seconds spent; in any case after `max_time`
+    seconds. `max_time` 0 gives exactly `min_runs` runs.
+    """
+
+    min_runs: int = 1
+    max_time: float = 0.0
+    target: float = NOISY
+    min_time: float = MIN_TIME
+
+    def done(self, series: Sequence[Sequence[float]], elapsed: float) -> bool:
+        runs = min((len(times) for times in series), default=0)
+        if runs < self.min_runs:
+            return False
+        if elapsed >= self.max_time:
+            return True
+        if runs < MIN_SAMPLES or elapsed < self.min_time:
+            return False
+        return all(spread(times) < self.target for times in series)
+
+
+def timed_rounds(
+    steps: Sequence[Callable[[], object]],
+    rule: StopRule,
+    sync: Callable[[], None],
+    made: Sequence[Sequence[float]] = (),
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Rounds of one timed run of each step in turn until `rule` stops them: seconds per step.
+
+    Paired steps timed moments apart drift together on a machine whose speed drifts. `made` holds
+    runs already timed (step by step, e.g. a first run inside a memory measurement); they count,
+    and a round skips a step whose runs are ahead of the others.
+    """
+    times = [list(made[index]) if index < len(made) else [] for index in range(len(steps))]
+    if not steps:
+        return times
+    start = clock()
+    while not rule.done(times, clock() - start):
+        rounds = min(len(runs) for runs in times)
+        for step, runs in zip(steps, times, strict=True):
+            if len(runs) <= rounds:
+                runs.append(timed_run(step, sync, clock))
+    return times
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), or None where it cannot be read."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no getloadavg (Windows), or it failed
+        return None
 
 
 def _proc_status_bytes(key: str) -> int | None:
@@ -124,7 +209,9 @@ class GpuTelemetry:
         try:
             import pynvml
         except ImportError:
-            self.note = "no GPU telemetry: pynvml is not installed (pip install nvidia-ml-py)"
+            from toroidal.runtime.install import missing_module_message
+
+            self.note = f"no GPU telemetry: {missing_module_message('pynvml')}"
             return
         try:
             pynvml.nvmlInit()

@@ -12,11 +12,33 @@ checkpoint (atomic training state), runs (the run folder), loop (training), eval
 (metrics), attention_maps, distributed, loggers, hub, footprint (memory estimates before a run).
 """
 
-from toroidal.training.config import TrainConfig
-from toroidal.training.errors import CheckpointError, SetupError
-from toroidal.training.loop import ProgressEvent, TrainResult, train
-from toroidal.training.metrics import Precision, evaluate_lm
-from toroidal.training.runs import TrainedRun, load_run
+from typing import TYPE_CHECKING
+
+from toroidal.runtime.lazy import lazy_exports
+
+# Imported on first use: `import toroidal.training.errors` (or the CLI) does not import torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "TrainConfig": "toroidal.training.config",
+        "CheckpointError": "toroidal.training.errors",
+        "SetupError": "toroidal.training.errors",
+        "ProgressEvent": "toroidal.training.loop",
+        "TrainResult": "toroidal.training.loop",
+        "train": "toroidal.training.loop",
+        "Precision": "toroidal.training.metrics",
+        "evaluate_lm": "toroidal.training.metrics",
+        "TrainedRun": "toroidal.training.runs",
+        "load_run": "toroidal.training.runs",
+    },
+)
+
+if TYPE_CHECKING:
+    from toroidal.training.config import TrainConfig
+    from toroidal.training.errors import CheckpointError, SetupError
+    from toroidal.training.loop import ProgressEvent, TrainResult, train
+    from toroidal.training.metrics import Precision, evaluate_lm
+    from toroidal.training.runs import TrainedRun, load_run
 
 __all__ = [
     "CheckpointError",

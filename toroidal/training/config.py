@@ -15,6 +15,7 @@ from toroidal.training.mechanism import (
     kernel_options,
     resolve_mechanism,
 )
+from toroidal.training.models import POSITIONS
 from toroidal.training.tokenization import parse_tokenizer_spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -28,6 +29,7 @@ RESUMABLE_CHANGES = ("save_every", "log", "device")
 class TrainConfig:
     # model
     model: str = "tiny"
+    position: str = "rope"  # a preset's position encoding: rope (its own) or none (no rotary: NoPE)
     attention: str | None = None  # the old name of `mechanism`: toroidal or baseline (= standard)
     mechanism: str | None = None  # a registered mechanism; None: from `attention`, else toroidal
     mechanism_options: dict = field(default_factory=dict)  # options of a mechanism other than toroidal
@@ -103,6 +105,7 @@ class TrainConfig:
             f"must be one of {', '.join(PRECISIONS)}",
         )
         need(self.log is None or self.log in LOGGERS, "log", self.log, f"must be one of {', '.join(LOGGERS)}")
+        need(self.position in POSITIONS, "position", self.position, f"must be one of {', '.join(POSITIONS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "data_period", "data_vocab"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.passkey_digits >= 1, "passkey_digits", self.passkey_digits, "must be >= 1")

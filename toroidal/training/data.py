@@ -5,10 +5,13 @@ Specs (the `--dataset` option):
     periodic            a random pattern of `data_period` tokens repeated (an in-context copy task)
     sinusoidal          sums of 1-3 random sines quantized to `data_vocab` levels
     passkey             a random number hidden in filler text, asked for at the end
-    text:PATH           a local text file (train: first 90%, validation: last 10%; eval: all of it)
-    code:DIR[:EXT,...]  the source files of a local repository, split by file (eval: the held-out files)
+    text:PATH           a local text file (train: first 90%, validation: last 10%)
+    code:DIR[:EXT,...]  the source files of a local repository, split by file
     wikitext2           WikiText-2 (raw) from the Hugging Face hub
     hf:NAME[:CONFIG]    any hub dataset with a text column
+
+Evaluation (`EVAL_SPLITS`) scores the held-out part by default: the validation text of text:PATH
+and code:DIR, the `test` stream of synthetic data, a hub set's test (else validation) split.
 
 Every sample is a pure function of (seed, split, index), and the training order a pure
 function of (seed, step), so a resumed run sees exactly the data an uninterrupted one does.
@@ -22,17 +25,22 @@ from functools import lru_cache
 
 import torch
 
+from toroidal.runtime.install import missing_module_message
 from toroidal.training.errors import SetupError
 from toroidal.training.hub import require_hub
 from toroidal.training.text_files import (
+    code_files,
     load_code_texts,
     parse_code_spec,
+    read_code,
     read_text_file,
     split_text,
 )
 
 SYNTHETIC = ("periodic", "sinusoidal", "passkey")
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+# `toroidal eval --split`: heldout (what `train` did not train on), all (text only), train.
+EVAL_SPLITS = ("heldout", "all", "train")
 OFFLINE_TEXT_FIX = (
     "offline, use --dataset text:PATH with a local file (e.g. text:wikitext-2/valid.txt)"
 )
@@ -251,7 +259,7 @@ def _hub_texts(spec: DataSpec) -> dict[str, str]:
     try:
         import datasets
     except ImportError:
-        raise SetupError(f"{label} needs the datasets package", "pip install 'toroidal[eval]'") from None
+        raise SetupError(f"{label} {missing_module_message('datasets')}") from None
     try:
         loaded = datasets.load_dataset(spec.name, spec.config)
     except Exception as error:  # network, unknown name, bad config: all one line for the user
@@ -287,15 +295,50 @@ def load_train_texts(spec: DataSpec) -> dict[str, str]:
     return {"train": train, "validation": validation}
 
 
-def load_eval_text(spec: DataSpec) -> str:
-    """The evaluation text: the whole file for text:PATH, the held-out files for code:DIR, the test
-    (else validation) split of a hub set."""
-    if spec.kind == "text":
-        return read_text_file(spec.path)
-    if spec.kind == "code":
-        return load_train_texts(spec)["validation"]
+def check_eval_split(spec: DataSpec, split: str) -> None:
+    """SetupError for an unknown `--split`, or `all` of an endless synthetic stream."""
+    if split not in EVAL_SPLITS:
+        raise SetupError(f"--split {split!r} is not one of {', '.join(EVAL_SPLITS)}")
+    if split == "all" and not spec.is_text:
+        raise SetupError(
+            f"--split all: {spec} is an endless stream", "use --split heldout (its test stream) or train"
+        )
+
+
+def synthetic_eval_split(split: str) -> str:
+    """The stream a synthetic dataset's evaluation reads: `test` for heldout, else `train`."""
+    return "train" if split == "train" else "test"
+
+
+def eval_text(spec: DataSpec, split: str = "heldout") -> tuple[str, str]:
+    """(text, the split's name) of a text dataset for `split` (EVAL_SPLITS).
+
+    heldout: the validation text `train` held out (text:PATH, code:DIR), a hub set's test (else
+    validation) split; train: what `train` trained on; all: the whole file, every file or split.
+    """
+    check_eval_split(spec, split)
+    if not spec.is_text:
+        raise ValueError(f"{spec} is not a text dataset: it has no text to load")
+    if spec.kind == "text" and split == "all":
+        return read_text_file(spec.path), "all"
+    if spec.kind == "code" and split == "all":
+        return read_code(code_files(spec.path, spec.extensions)), "all"
+    if spec.kind in ("text", "code") or split == "train":
+        texts = load_train_texts(spec)
+        return (texts["train"], "train") if split == "train" else (texts["validation"], "heldout")
     texts = _hub_texts(spec)
-    return _pick(texts, ("test", "validation", "valid")) or split_text(texts["train"])[1]
+    if split == "all":
+        return "".join(texts.values()), "all"
+    name = next((name for name in ("test", "validation", "valid") if name in texts), None)
+    if name is not None:
+        return texts[name], name
+    train = _pick(texts, ("train",)) or next(iter(texts.values()))
+    return split_text(train)[1], "heldout"
+
+
+def load_eval_text(spec: DataSpec, split: str = "heldout") -> str:
+    """The evaluation text of `split` (see `eval_text`): by default what training held out."""
+    return eval_text(spec, split)[0]
 
 
 def passkey_corpus(options: DataOptions, samples: int = 256) -> list[str]:

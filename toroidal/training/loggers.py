@@ -10,6 +10,7 @@ import csv
 import os
 from pathlib import Path
 
+from toroidal.runtime.install import install_command
 from toroidal.training.errors import SetupError
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -26,7 +27,7 @@ def check_logger(kind: str | None) -> None:
     except ImportError:
         raise SetupError(
             f"--log {kind} needs the {_PACKAGES[kind]} package, which is not installed",
-            f"pip install {_PACKAGES[kind]} (or 'toroidal[log]'), or use --log csv",
+            f"{install_command('log')} (or pip install {_PACKAGES[kind]}), or use --log csv",
         ) from None
 
 

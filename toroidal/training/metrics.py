@@ -7,11 +7,15 @@ synthetic token data that is not text.
 Passkey accuracy: the fraction of samples whose answer tokens are all the argmax of the
 model given the preceding tokens, which is exactly whether greedy decoding after the
 question reproduces the pass key.
+
+A `TokenFingerprint` hashes the token ids of the samples scored, in order, so two results can
+tell whether they scored the same text whatever their batch sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import resource
 import time
@@ -53,10 +57,32 @@ def token_losses(model, ids: torch.Tensor, precision: Precision, device: torch.d
     return losses.view_as(targets), logits
 
 
-def sample_count(dataset, batch_size: int, max_batches: int | None) -> int:
-    if dataset.size is None:
-        return batch_size * (max_batches or DEFAULT_SYNTHETIC_BATCHES)
-    return dataset.size if max_batches is None else min(dataset.size, batch_size * max_batches)
+class TokenFingerprint:
+    """sha256 of the int64 (little-endian) token ids of the scored samples, in order: each sample's
+    seq_len + 1 ids, so the same samples give the same fingerprint at any batch size."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, ids: torch.Tensor) -> None:
+        self._hash.update(ids.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes())
+
+    def hexdigest(self, length: int = 16) -> str:
+        return self._hash.hexdigest()[:length]
+
+
+def sample_count(dataset, batch_size: int, max_batches: int | None, max_samples: int | None = None) -> int:
+    """The samples scored: the first `max_samples`, else `max_batches` batches, else all of a finite
+    set (DEFAULT_SYNTHETIC_BATCHES batches of an unbounded one); never more than a finite set holds."""
+    if max_samples is not None and max_batches is not None:
+        raise ValueError("give max_samples or max_batches, not both")
+    if max_samples is not None:
+        wanted = max_samples
+    elif max_batches is not None or dataset.size is None:
+        wanted = batch_size * (max_batches or DEFAULT_SYNTHETIC_BATCHES)
+    else:
+        wanted = dataset.size
+    return wanted if dataset.size is None else min(dataset.size, wanted)
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -77,18 +103,24 @@ def evaluate_lm(
     precision: Precision = Precision(),
     dist: DistInfo = DistInfo(),
     progress=None,
+    max_samples: int | None = None,
+    fingerprint: TokenFingerprint | None = None,
 ) -> dict:
     """Metrics of `model` on the first samples of `dataset` (all of a finite one by default).
 
     `max_batches` counts global batches (batch_size x processes): ranks take those samples
     round-robin and sum their totals, so 2 processes x batch 2 measure what 1 x 4 measures.
+    `max_samples` instead (not both) scores the first `max_samples` samples at any batch size.
+    `fingerprint` (one process only) is updated with each batch's token ids, in order.
     `progress(done, total)` is called after each batch.
     """
+    if fingerprint is not None and dist.world > 1:
+        raise ValueError("a token fingerprint needs the samples in order: one process")
     was_training = model.training
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    n = sample_count(dataset, batch_size * dist.world, max_batches)  # batches of the global batch size
+    n = sample_count(dataset, batch_size * dist.world, max_batches, max_samples)  # global batches
     mine = list(range(dist.rank, n, dist.world))
     passkey = hasattr(dataset, "sample_with_answer")
     nll, count, correct = 0.0, 0, 0
@@ -97,9 +129,12 @@ def evaluate_lm(
         indices = mine[first : first + batch_size]
         if passkey:
             pairs = [dataset.sample_with_answer(i) for i in indices]
-            ids = torch.stack([p[0] for p in pairs]).to(device)
+            ids = torch.stack([p[0] for p in pairs])
         else:
-            ids = dataset.batch(indices).to(device)
+            ids = dataset.batch(indices)
+        if fingerprint is not None:
+            fingerprint.update(ids)
+        ids = ids.to(device)
         losses, logits = token_losses(model, ids, precision, device)
         nll += float(losses.double().sum())
         count += losses.numel()

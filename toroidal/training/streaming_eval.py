@@ -16,18 +16,8 @@ from torch import nn
 from toroidal.integrations.transformers.streaming import check_streamable, stream_logits, streaming_layers
 from toroidal.streaming import UPDATES
 from toroidal.training.errors import SetupError
+from toroidal.training.metric_names import STREAMING_METRICS
 from toroidal.training.metrics import evaluate_lm
-
-# The metrics of `evaluate_lm` that streaming reports, as `streaming_<name>`.
-STREAMING_METRICS = (
-    "loss",
-    "perplexity",
-    "bits_per_token",
-    "bits_per_byte",
-    "passkey_accuracy",
-    "seconds",
-    "tokens_per_s",
-)
 
 
 class StreamingLM(nn.Module):

@@ -51,12 +51,36 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in file.read(_SNIFF_BYTES)
 
 
-def code_files(folder: str | Path, extensions: tuple[str, ...] | None = None) -> list[Path]:
-    """Source files under `folder` with one of `extensions`, sorted by relative path."""
+def _code_folder(folder: str | Path) -> Path:
     root = Path(folder).expanduser()
     if not root.is_dir():
         what = "is a file" if root.exists() else "does not exist"
         raise SetupError(f"code folder {folder} {what}", "pass --dataset code:DIR with a source folder")
+    return root
+
+
+def _text_file(path: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise SetupError(f"text file {path} {what}", "pass --dataset text:PATH with an existing text file")
+    return file
+
+
+def check_local_dataset(spec: str) -> None:
+    """Raise the SetupError reading would raise when a `text:PATH` or `code:DIR[:EXT,...]` dataset
+    names a missing file or folder; reads nothing (the CLI checks its options with it before the
+    library is imported). Other specs pass."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind.lower() == "text" and rest:
+        _text_file(rest)
+    elif kind.lower() == "code" and rest:
+        _code_folder(parse_code_spec(rest)[0])
+
+
+def code_files(folder: str | Path, extensions: tuple[str, ...] | None = None) -> list[Path]:
+    """Source files under `folder` with one of `extensions`, sorted by relative path."""
+    root = _code_folder(folder)
     wanted = set(extensions or DEFAULT_EXTENSIONS)
     found = []
     for current, folders, files in os.walk(root):  # symbolic links to folders are not followed
@@ -125,10 +149,7 @@ def load_code_texts(folder: str, extensions: tuple[str, ...] | None) -> dict[str
 
 
 def read_text_file(path: str) -> str:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a folder" if file.is_dir() else "does not exist"
-        raise SetupError(f"text file {path} {what}", "pass --dataset text:PATH with an existing text file")
+    file = _text_file(path)
     try:
         return file.read_text(encoding="utf-8", errors="replace")
     except OSError as error:

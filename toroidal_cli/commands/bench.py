@@ -9,20 +9,18 @@ the tables are `toroidal_cli.bench_view`, the `--compare` table `toroidal_cli.co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
-from toroidal.bench import KEY_FIELDS, BenchSweep, can_isolate, run_sweep
-from toroidal.bench import tune as tuning_run
-from toroidal.kernels import tuning_table as tuning
 from toroidal_cli import bench_view, dryrun, render
 from toroidal_cli import compare as comparing
 from toroidal_cli.errors import UserError, as_user_error
 from toroidal_cli.memory_check import available, sweep_memory_line
 from toroidal_cli.options import OutOpt, check_out_path, invocation_argv
 from toroidal_cli.plotting import check_plot_out, plot_bench_rows
+from toroidal_cli.progress import Progress
 from toroidal_cli.results import capture_env, make_record, read_result, write_result
 from toroidal_cli.signals import StopSignals
 from toroidal_cli.sweep_options import (
@@ -39,8 +37,10 @@ from toroidal_cli.sweep_options import (
     HeadDimOpt,
     HeadsOpt,
     LambdaOpt,
+    MaxTimeOpt,
     MechanismOpt,
     ModeOpt,
+    NoisyOpt,
     OptionOpt,
     PeriodOpt,
     RepeatsOpt,
@@ -51,6 +51,9 @@ from toroidal_cli.sweep_options import (
     flags,
     read_options,
 )
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from toroidal.bench import BenchSweep
 
 HELP = (
     "Benchmark the backends: time, tokens/s, TFLOP/s and peak memory, against plain SDPA.\n\n"
@@ -64,6 +67,8 @@ COMPARE_METRICS = ("median_ms", "peak_memory_mb")  # lower is better; --fail-on-
 
 def build_sweep(values: dict) -> BenchSweep:
     """A library sweep from `read_options` values (keys it lacks take the library defaults)."""
+    from toroidal.bench import BenchSweep, can_isolate
+
     kwargs = {key: value for key, value in values.items() if key in CONFIG_KEYS}
     if "lambda" in kwargs:
         kwargs["lambda_distance"] = kwargs.pop("lambda")
@@ -94,6 +99,8 @@ def read_old_rows(old_path: Path) -> list[dict]:
 
 def compare_with(old_path: Path, rows: list[dict], threshold: float | None) -> comparing.Verdict | None:
     """Print per-row deltas against an older result; with a `threshold`, the gate's verdict on time."""
+    from toroidal.bench import KEY_FIELDS
+
     old_rows = read_old_rows(old_path)
     with as_user_error(f"{old_path} cannot be compared row by row"):
         compared = comparing.compare(
@@ -119,8 +126,22 @@ def _progress_label(case) -> str:
     return f"{case.mechanism} {case.backend} N={case.seq_len} D={case.depth} {case.dtype} {case.mode}"
 
 
+def _row_line(row: dict) -> str:
+    """A finished row in a plain progress line: its shape, then its time and tokens/s, or its status."""
+    mechanism = row.get("mechanism") or "toroidal"
+    label = ("" if mechanism == "toroidal" else f"{mechanism} ") + str(row.get("backend"))
+    label += f" N={row.get('seq_len')} D={row.get('depth')} {row.get('dtype')} {row.get('mode')}"
+    if row.get("status") != "ok" or row.get("median_ms") is None:
+        return f"{label} {row.get('status')}"
+    rate = render.format_tokens_per_s(row.get("tokens_per_s"))
+    return f"{label} {render.format_number(row['median_ms'])} ms, {rate} tok/s"
+
+
 def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
     """`--tune`: measure the sweep's shape buckets, merge them into the tuning table, show the winners."""
+    from toroidal.bench import tune as tuning_run
+    from toroidal.kernels import tuning_table as tuning
+
     given = [name for name, value in others.items() if value]
     if given:
         raise UserError(f"--tune cannot be combined with {', '.join(given)}", "run the tuning separately")
@@ -128,9 +149,8 @@ def run_tuning(sweep: BenchSweep, path: Path | None, others: dict) -> None:
     if path is None:
         raise UserError(f"${tuning.ENV_VAR} turns tuning tables off", "pass --tune-out FILE")
     check_out_path(path, "--tune-out")
-    with render.progress() as bar:
-        task = bar.add_task("tune", total=None)
-        measured = tuning_run.tune(sweep, on_case=lambda label: bar.update(task, description=f"tune {label}"))
+    with Progress("bench", "case") as progress:  # a case starts: the bar's label and a plain line
+        measured = tuning_run.tune(sweep, on_case=lambda label: progress.advance(f"tune {label}"))
     if not measured.entries:
         raise UserError("no backend could run any shape of the sweep", "check --device, --dtype, the shapes")
     try:
@@ -163,6 +183,8 @@ def command(
     device: DeviceOpt = None,
     warmup: WarmupOpt = None,
     repeats: RepeatsOpt = None,
+    max_time: MaxTimeOpt = None,
+    noisy: NoisyOpt = None,
     threads: ThreadsOpt = None,
     mechanism: MechanismOpt = None,
     option: OptionOpt = None,
@@ -242,18 +264,26 @@ def command(
         run_tuning(sweep, tune_out, {"--out": out, "--compare": compare, "--plot": plot})
         return
 
-    with render.progress() as bar, StopSignals("the current row") as stop:
-        task = bar.add_task("bench", total=len(cases))
+    from toroidal.bench import load_warning, run_sweep
+
+    busy = load_warning(sweep)
+    if busy is not None:
+        render.err_console.print(Text(f"warning: {busy}", style="yellow"), soft_wrap=True)
+    with Progress("bench", "row", total=len(cases)) as progress, StopSignals("the current row") as stop:
         result = run_sweep(
             sweep,
-            on_case=lambda index, case: bar.update(task, description=_progress_label(case)),
-            on_row=lambda row: bar.advance(task),
+            on_case=lambda index, case: progress.running(_progress_label(case)),
+            on_row=lambda row: progress.advance(_row_line(row)),
             should_stop=stop,
         )
     summary = {**result.summary, "notes": result.notes}
-    render.console.print(bench_view.bench_table(result.rows, f"toroidal bench on {sweep.device}"))
+    title = f"toroidal bench on {sweep.device}"
+    render.console.print(bench_view.bench_table(result.rows, title, sweep.noisy))
     counts = ", ".join(f"{summary[s]} {s}" for s in ("ok", "skipped", "oom", "error") if summary[s])
     render.console.print(f"{summary['rows']} rows ({counts}) in {summary['seconds']:.1f} s")
+    noisy_line = bench_view.noisy_line(result.rows, sweep.noisy)
+    if noisy_line is not None:
+        render.console.print(Text(noisy_line, style="yellow"), soft_wrap=True)
     for note in result.notes:
         render.console.print(Text(f"note: {note}", style="dim"))
 
@@ -273,6 +303,10 @@ def command(
         line = f"{stop.name}: stopped after {len(result.rows)} of {len(cases)} rows{where}"
         render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
         raise typer.Exit(stop.exit_code)
+    if not summary["ok"]:  # the JSON written above keeps every row's reason
+        where = f" (and in {out})" if out is not None else ""
+        fix = f"see each row's reason in the table{where}"
+        raise UserError(f"nothing was measured: every row was skipped or failed ({counts})", fix)
     if plot is not None:
         plot_bench_rows(result.rows, plot)
     if verdict is not None and verdict.worst is not None:

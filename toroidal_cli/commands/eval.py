@@ -3,8 +3,11 @@
 `--checkpoint DIR` evaluates a `toroidal train` run folder (its model, tokenizer and mechanism
 layers; its data options are the defaults). `--model` evaluates a preset, model folder or hub
 model with `--mechanism standard|toroidal|...` (`--attention baseline|toroidal` is its old
-name). `--compare OTHER.json` prints a table against another eval result;
-`--fail-on-regression PCT` makes a quality regression exit 1.
+name). `--split` picks the text scored (heldout by default: never what `train` trained on) and
+`--max-tokens` a budget that scores the same text at any batch size; the result's `scored` block
+records the text (token count and fingerprint). `--compare OTHER.json` prints a table against
+another eval result, refusing one scored on other text unless `--force`;
+`--fail-on-regression PCT` makes a quality regression exit 1 (never across different text).
 """
 
 from __future__ import annotations
@@ -16,16 +19,15 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from toroidal.training import SetupError
-from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate, run_defaults
-from toroidal.training.footprint import eval_footprint
-from toroidal.training.hub import remote_code_trusted
-from toroidal.training.streaming_eval import STREAMING_METRICS
+# The library (and torch) is imported when the command runs, not for --help.
+from toroidal.training.errors import SetupError
+from toroidal.training.metric_names import STREAMING_METRICS
 from toroidal_cli import compare as comparing
 from toroidal_cli import dryrun, render
 from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
 from toroidal_cli.options import OutOpt, check_out_path
+from toroidal_cli.progress import Progress
 from toroidal_cli.resolve import from_command_line
 from toroidal_cli.results import capture_env, make_record, read_result, write_result
 from toroidal_cli.run_options import FIELD_OF, TrustRemoteCodeOpt, resolve_options, resolved_argv, setup_error
@@ -37,9 +39,9 @@ HELP = (
 )
 
 MODEL_OPTIONS = ["model", "attention", "depth", "lambda_", "period", "window", "fusion", "fusion_rank"]
-MODEL_OPTIONS += ["backend", "layers", "tokenizer", "mechanism", "mechanism_option"]
-DATA_OPTIONS = ["dataset", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size"]
-OPTION_NAMES = MODEL_OPTIONS + DATA_OPTIONS + ["max_batches", "seed", "precision", "device"]
+MODEL_OPTIONS += ["backend", "layers", "tokenizer", "mechanism", "mechanism_option", "position"]
+DATA_OPTIONS = ["dataset", "split", "data_period", "data_vocab", "passkey_digits", "seq_len", "batch_size"]
+OPTION_NAMES = MODEL_OPTIONS + DATA_OPTIONS + ["max_batches", "max_tokens", "seed", "precision", "device"]
 
 # +1: higher is better, -1: lower is better; metrics not listed are shown without a verdict.
 DIRECTIONS = {
@@ -88,16 +90,46 @@ def _number(value) -> str:
     return render.format_number(value)
 
 
+def _metric_value(name: str, value):
+    """tokens/s as every command writes it (`render.format_tokens_per_s`); other values as they are."""
+    return render.format_tokens_per_s(value) if name.endswith("tokens_per_s") else value
+
+
 COMPARED = [comparing.Shown("value", this="this run", this_first=True, format=_number)]
 COMPARE_KEYS = [render.Column("metric", no_wrap=True)]
 METRIC_COLUMNS = [render.Column("metric", no_wrap=True), render.Column("value", justify="right")]
 
 
 def _config_notes(this: dict, other: dict) -> list[str]:
-    keys = ("checkpoint", "model", "mechanism", "dataset", "seq_len", "max_batches", "device")
+    keys = ("checkpoint", "model", "mechanism", "dataset", "split", "seq_len", "max_tokens", "max_batches")
+    keys += ("device",)
     return [
         f"{key}: {other.get(key)!r} -> {this.get(key)!r}" for key in keys if this.get(key) != other.get(key)
     ]
+
+
+def _text_mismatch(this_scored: dict, other: dict, compare: Path) -> tuple[str, str] | None:
+    """(why, fix) when this result and `other` did not score the same text, else None."""
+    other_scored = comparing.recorded_scored(other)
+    reason = comparing.text_mismatch(this_scored, other_scored, str(compare))
+    if reason is None:
+        return None
+    if other_scored is None:
+        return reason, f"evaluate {compare} again with this version, or pass --force to compare anyway"
+    fix = "score both with the same --dataset, --split, --seq-len and --max-tokens"
+    return reason, f"{fix}, or pass --force to compare anyway"
+
+
+def _refuse_across_texts(mismatch: tuple[str, str] | None, force: bool, threshold: float | None) -> None:
+    """No comparison across different text without --force, and never a gate."""
+    if mismatch is None:
+        return
+    reason, fix = mismatch
+    if threshold is not None:
+        fix = "gate only results scored on the same text"
+        raise UserError(f"--fail-on-regression cannot apply: {reason}", fix)
+    if not force:
+        raise UserError(f"--compare: {reason}", fix)
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -111,6 +143,9 @@ def command(
     model: Annotated[
         str | None, typer.Option(help="Instead: tiny, a preset, a model folder or a hub name.")
     ] = None,
+    position: Annotated[
+        str, typer.Option(help="With a preset: rope (its own position encoding) or none (no rotary).")
+    ] = "rope",
     attention: Annotated[
         str | None, typer.Option(help="With --model: old name of --mechanism, baseline or toroidal.")
     ] = None,
@@ -135,11 +170,15 @@ def command(
     tokenizer: Annotated[str, typer.Option(help="With --model: bytes or model; auto picks.")] = "auto",
     dataset: Annotated[
         str,
-        typer.Option(
-            help="periodic, sinusoidal, passkey, text:PATH (all of it), code:DIR (its held-out files), "
-            "wikitext2, hf:NAME[:CONFIG]."
-        ),
+        typer.Option(help="periodic, sinusoidal, passkey, text:PATH, code:DIR, wikitext2, hf:NAME[:CONFIG]."),
     ] = "periodic",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="heldout: what `train` held out (text: its last tenth, code: held-out files; synthetic: "
+            "the test stream; hub: test split); all: the whole text; train: what `train` trained on."
+        ),
+    ] = "heldout",
     data_period: Annotated[int, typer.Option(help="periodic: pattern length.")] = 8,
     data_vocab: Annotated[int, typer.Option(help="periodic, sinusoidal: distinct tokens.")] = 16,
     passkey_digits: Annotated[int, typer.Option(help="passkey: digits of the pass key.")] = 5,
@@ -147,6 +186,13 @@ def command(
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 8,
     max_batches: Annotated[
         str, typer.Option(help="At most this many batches; none: all text, 16 of synthetic data.")
+    ] = "none",
+    max_tokens: Annotated[
+        str,
+        typer.Option(
+            help="Score the first ceil(N / seq-len) samples, the same text at any --batch-size (e.g. 64k); "
+            "not with --max-batches."
+        ),
     ] = "none",
     seed: Annotated[int, typer.Option(help="Seed of synthetic data (and of a preset's random init).")] = 0,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on CUDA.")] = "fp32",
@@ -169,6 +215,13 @@ def command(
         str | None,
         typer.Option(help="Exit 1 if a gated metric is worse than --compare's by more than PCT percent."),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Compare with a result scored on other text (marked; --fail-on-regression still refuses).",
+        ),
+    ] = False,
     gate: Annotated[
         list[str] | None,
         typer.Option(
@@ -192,6 +245,14 @@ def command(
     other = read_result(compare, command="eval") if compare is not None else None  # fail before the work
     if other is not None and not isinstance(other.get("metrics"), dict):
         raise UserError(f"{compare} has no 'metrics'", "pass a file written by `toroidal eval --out`")
+    if force and other is None:
+        raise UserError("--force only applies with --compare", "pass --compare OTHER.json or drop --force")
+    if other is not None and comparing.recorded_scored(other) is None:  # an older result: before the work
+        _refuse_across_texts(_text_mismatch({}, other, compare), force, threshold)
+
+    def before_scoring(scored: dict) -> None:  # a token count that differs already: refuse before the work
+        if other is not None and comparing.recorded_scored(other) is not None:
+            _refuse_across_texts(_text_mismatch(scored, other, compare), force, threshold)
 
     unused = [name for name in ("latent_size", "update") if not streaming and from_command_line(ctx, name)]
     if unused:
@@ -199,6 +260,10 @@ def command(
         raise UserError(f"{flag} only applies with --streaming", f"add --streaming or drop {flag}")
     values = _options(ctx, checkpoint, model)
     values.update(streaming=streaming, latent_size=latent_size, update=update.strip().lower())
+    from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate
+    from toroidal.training.footprint import eval_footprint
+    from toroidal.training.hub import remote_code_trusted
+
     try:
         with remote_code_trusted(trust_remote_code):
             config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, **values)
@@ -214,21 +279,29 @@ def command(
                 dryrun.show("eval", found, footprint)
                 return
             refuse_if_too_big(footprint)
-            with render.progress() as bar:
-                task = bar.add_task("eval", total=None)
+            with Progress("eval", "sample") as progress:  # samples scored, after each batch
                 result = evaluate(
-                    config, progress=lambda done, total: bar.update(task, completed=done, total=total)
+                    config,
+                    progress=lambda done, total: progress.update(done, total=total),
+                    before_scoring=before_scoring,
                 )
     except SetupError as error:
         raise setup_error(error) from None
 
     metrics = result.metrics
     rows = [
-        {"metric": name, "value": metrics[name]} for name in METRIC_ORDER if metrics.get(name) is not None
+        {"metric": name, "value": _metric_value(name, metrics[name])}
+        for name in METRIC_ORDER
+        if metrics.get(name) is not None
     ]
     source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['mechanism']} {model}"
     render.console.print(Text(f"toroidal eval: {source} on {config.dataset}"), soft_wrap=True)
     render.console.print(render.table(rows, METRIC_COLUMNS))
+    scored = result.scored
+    render.console.print(Text(f"scored: {comparing.scored_label(scored)}", style="dim"), soft_wrap=True)
+    if config.max_tokens is not None and scored["tokens"] < config.max_tokens:
+        line = f"note: {scored['split']} has fewer tokens than --max-tokens {config.max_tokens:,}: all scored"
+        render.console.print(Text(line, style="dim"), soft_wrap=True)
     if streaming:
         note = (
             f"streaming_*: the same samples token by token on {latent_size} latent slots per head, "
@@ -237,16 +310,21 @@ def command(
         render.console.print(Text(note, style="dim"), soft_wrap=True)
 
     verdict = None
-    if other is not None:
+    mismatch = _text_mismatch(scored, other, compare) if other is not None else None
+    if other is not None and (mismatch is None or force):
         compared = comparison(metrics, other["metrics"], gated)
         title = f"this run vs {compare}"
+        caption = None if mismatch is None else Text(f"DIFFERENT TEXT (--force): {mismatch[0]}", "bold red")
         render.console.print(
-            comparing.table(compared, COMPARED, COMPARE_KEYS, title=title, threshold=threshold)
+            comparing.table(compared, COMPARED, COMPARE_KEYS, title, caption, threshold=threshold)
         )
         other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
         for note in _config_notes(result.config, other_config):
             render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
-        verdict = comparing.gate(compared, threshold) if threshold is not None else None
+        if mismatch is not None:
+            line = f"toroidal eval: warning: compared across different text (--force): {mismatch[0]}"
+            render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+        verdict = comparing.gate(compared, threshold) if threshold is not None and mismatch is None else None
     if out is not None:
         if checkpoint is not None:  # the model options come from the checkpoint
             names, extra = (
@@ -258,12 +336,15 @@ def command(
         resolved = {**values, "mechanism": config.mechanism}
         extra += ["--trust-remote-code"] if trust_remote_code else []
         argv = resolved_argv("eval", names + (STREAMING_OPTIONS if streaming else []), resolved, extra)
-        payload = {"metrics": metrics, "mechanism": result.mechanism}
-        if other is not None:
+        payload = {"metrics": metrics, "scored": scored, "mechanism": result.mechanism}
+        if other is not None and (mismatch is None or force):
             rows = [{"metric": row["metric"], **row["metrics"]["value"]} for row in compared]
-            payload["comparison"] = {"other": str(compare), "rows": rows}
+            payload["comparison"] = {"other": str(compare), "same_text": mismatch is None, "rows": rows}
+            if mismatch is not None:
+                payload["comparison"]["different_text"] = mismatch[0]
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
+    _refuse_across_texts(mismatch, force, threshold)  # after writing: the result itself stands
     if verdict is not None and not verdict.compared:
         # A gate that compared nothing must not pass: CI would go green on a broken baseline.
         names = ", ".join(gated)
@@ -287,6 +368,8 @@ def _options(ctx: typer.Context, checkpoint: Path | None, model: str | None) -> 
         raise UserError("nothing to evaluate", "pass --checkpoint RUN_FOLDER or --model NAME")
     defaults = {}
     if checkpoint is not None:
+        from toroidal.training.evaluate import RUN_DEFAULTS, run_defaults
+
         given = [name for name in MODEL_OPTIONS if name != "model" and from_command_line(ctx, name)]
         if given:
             raise UserError(
@@ -294,10 +377,10 @@ def _options(ctx: typer.Context, checkpoint: Path | None, model: str | None) -> 
                 "the model, tokenizer and toroidal options come from the run; use --model to build another",
             )
         try:
-            defaults = run_defaults(str(checkpoint))
+            defaults = {k: v for k, v in run_defaults(str(checkpoint)).items() if k in RUN_DEFAULTS}
         except SetupError as error:
             raise setup_error(error) from None
     names = [name for name in OPTION_NAMES if name != "model"]
-    values = resolve_options(ctx, names, {k: v for k, v in defaults.items() if k in RUN_DEFAULTS})
+    values = resolve_options(ctx, names, defaults)
     values["model"] = model
     return values

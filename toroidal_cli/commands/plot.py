@@ -13,13 +13,12 @@ from typing import Annotated
 import typer
 
 from toroidal import plots
-from toroidal.training import attention_maps
-from toroidal.training.data import MAX_SEED
-from toroidal.training.errors import CheckpointError
+from toroidal.training.errors import CheckpointError  # (torch and the models: imported when drawn)
 from toroidal_cli import dryrun
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
-from toroidal_cli.plotting import check_plot_out, plot_bench_rows, plot_runs, write
+from toroidal_cli.help import Command, Group
+from toroidal_cli.plotting import check_plot_out, merge_bench_results, plot_bench_rows, plot_runs, write
 from toroidal_cli.resolve import config_path, load_config
 from toroidal_cli.results import read_result
 from toroidal_cli.values import parse_bool, parse_float, parse_int
@@ -27,7 +26,7 @@ from toroidal_cli.values import parse_bool, parse_float, parse_int
 HELP = "Draw pictures: bench scaling, training curves, attention heat maps (PNG + JSON of the numbers)."
 MAX_ATTENTION_TOKENS = 2048  # N*D: the heat map and its JSON hold (N*D)^2 numbers
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, cls=Group)
 
 OutOpt = Annotated[
     Path, typer.Option("--out", "-o", help="The PNG to write; the numbers go to FILE.plot.json.")
@@ -38,18 +37,20 @@ OutOpt = Annotated[
 
 
 def _bench_rows(paths: list[Path]) -> list[dict]:
-    rows = []
+    """The rows of every file, merged (`merge_bench_results`: named by file only where files overlap)."""
+    results = []
     for path in paths:
         record = read_result(path, command="bench")
         rows_ok = isinstance(record.get("rows"), list) and all(isinstance(r, dict) for r in record["rows"])
         if not rows_ok:
             raise UserError(f"{path} has no 'rows'", "pass a JSON file written by `toroidal bench --out`")
-        source = {"source": path.stem} if len(paths) > 1 else {}
-        rows += [{**row, **source} for row in record["rows"]]
-    return rows
+        results.append((path.stem, record["rows"]))
+    return merge_bench_results(results)
 
 
-@app.command("bench", help="Time, peak memory and overhead versus N per backend, from bench result JSONs.")
+@app.command(
+    "bench", cls=Command, help="Time, peak memory and overhead versus N per backend, from bench result JSONs."
+)
 @user_errors("plot bench")
 def bench(
     ctx: typer.Context,
@@ -66,7 +67,9 @@ def bench(
     plot_bench_rows(rows, out)
 
 
-@app.command("train", help="Training and validation loss and perplexity of one or more run folders.")
+@app.command(
+    "train", cls=Command, help="Training and validation loss and perplexity of one or more run folders."
+)
 @user_errors("plot train")
 def train(
     ctx: typer.Context,
@@ -117,8 +120,11 @@ def _attention_value(key: str, value, where: str):
     if key in ("window", "period", "layer"):
         return parse_int(value, where, minimum=0 if key != "period" else 1, none_ok=True)
     number = parse_int(value, where, minimum=0 if key in ("head", "seed") else 1)
-    if key == "seed" and number > MAX_SEED:
-        raise UserError(f"{where}: {number} is out of range", f"use a seed from 0 to {MAX_SEED}")
+    if key == "seed":
+        from toroidal.training.data import MAX_SEED  # (imports torch: only for a given seed)
+
+        if number > MAX_SEED:
+            raise UserError(f"{where}: {number} is out of range", f"use a seed from 0 to {MAX_SEED}")
     return number
 
 
@@ -150,6 +156,8 @@ def attention_settings(config: Path | None, flags: dict) -> dict:
 
 
 def _random_module_weights(settings: dict):
+    from toroidal.training import attention_maps
+
     if settings["seq_len"] * settings["depth"] > MAX_ATTENTION_TOKENS:
         raise UserError(
             f"N*D = {settings['seq_len'] * settings['depth']} is too large to draw",
@@ -172,6 +180,8 @@ def _random_module_weights(settings: dict):
 
 
 def _trained_weights(settings: dict):
+    from toroidal.training import attention_maps
+
     try:
         return attention_maps.trained_attention_weights(
             settings["checkpoint"],
@@ -188,6 +198,7 @@ def _trained_weights(settings: dict):
 
 @app.command(
     "attention",
+    cls=Command,
     help="Heat maps of one head's attention weights (reference backend): of a random module, or of a "
     "trained run (--checkpoint) on real text (--text).",
 )

@@ -13,15 +13,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
-from toroidal.bench import BenchCase, case_backend, sweep_options
-from toroidal.bench.profile import ProfileSpec, profile_attention
-from toroidal.config import ToroidalConfig
-from toroidal.kernels import BackendUnavailable
 from toroidal_cli import dryrun, render
 from toroidal_cli.errors import UserError, as_user_error
 from toroidal_cli.memory_check import module_footprint, refuse_if_too_big
@@ -52,6 +48,10 @@ from toroidal_cli.sweep_options import (
     flags,
     read_options,
 )
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from toroidal.bench import BenchCase
+    from toroidal.bench.profile import ProfileSpec
 
 HELP = (
     "Profile one forward (and backward) pass of ToroidalAttention with torch.profiler.\n\n"
@@ -113,6 +113,8 @@ def single_values(values: dict) -> dict:
 
 
 def _case(config: dict) -> BenchCase:
+    from toroidal.bench import BenchCase
+
     heads = config["heads"]
     d_model = config["d_model"] if "d_model" in config else config["head_dim"] * heads
     return BenchCase(
@@ -135,6 +137,11 @@ def _case(config: dict) -> BenchCase:
 
 
 def build_spec(config: dict, top: int) -> ProfileSpec:
+    from toroidal.bench import case_backend, sweep_options
+    from toroidal.bench.profile import ProfileSpec
+    from toroidal.config import ToroidalConfig
+    from toroidal.kernels import BackendUnavailable
+
     case = _case(config)
     foreign = sorted(set(config["options"]) - set(sweep_options(case.mechanism)))
     if foreign:
@@ -290,6 +297,7 @@ def command(
     if footprint is not None:
         refuse_if_too_big(footprint, batch_flag="--batch")
     on_device = spec.device.startswith("cuda")
+    from toroidal.bench.profile import profile_attention
 
     what = spec.config.backend if spec.mechanism == "toroidal" else spec.mechanism
     render.err_console.print(Text(f"profiling {spec.mode} of {what} ...", style="dim"))

@@ -13,30 +13,19 @@ import os
 import shlex
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from toroidal.training import ProgressEvent, SetupError, TrainConfig, train
-from toroidal.training.distributed import world_size_from_env
-from toroidal.training.footprint import train_footprint
-from toroidal.training.hub import remote_code_trusted
-from toroidal.training.runs import METRICS
 from toroidal_cli import dryrun, render
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
 from toroidal_cli.options import check_can_create_in, invocation_argv
 from toroidal_cli.plotting import check_plot_out, plot_runs
+from toroidal_cli.progress import Progress
 from toroidal_cli.results import capture_env, make_record, write_result
 from toroidal_cli.run_options import (
     FIELD_OF,
@@ -48,6 +37,9 @@ from toroidal_cli.run_options import (
     setup_error,
 )
 from toroidal_cli.signals import StopSignals
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from toroidal.training import ProgressEvent
 
 HELP = (
     "Train a language model with toroidal attention (or another mechanism) and write a run folder.\n\n"
@@ -64,40 +56,34 @@ def _format(value, digits: int = 4) -> str:
 
 
 class TrainProgress:
-    """A Rich progress bar on stderr with loss, learning rate, tokens/s and ETA; evaluations above it."""
+    """Steps with loss, learning rate and tokens/s (`toroidal_cli.progress`: a bar with an ETA on a
+    terminal, else plain lines); evaluations, checkpoints and a resume as lines of their own."""
 
     def __init__(self):
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=render.err_console,
-            transient=True,
-        )
-        self.task = None
+        stats = TextColumn("{task.description}")  # loss, lr, tokens/s
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), stats, TimeElapsedColumn()]
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+        self.progress = Progress("train", "step", columns=columns, label="")
 
     def __enter__(self):
-        self.bar.__enter__()
+        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        return self.progress.__exit__(*exc)
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.kind == "start":
-            self.task = self.bar.add_task("train", total=event.total_steps, completed=event.step, stats="")
+            self.progress.start(event.total_steps, event.step)
             if event.step:
-                self.bar.console.print(f"resumed at step {event.step}")
+                self.progress.note(f"resumed at step {event.step}")
         elif event.kind == "step":
             m = event.metrics
-            stats = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {_format(m['tokens_per_s'], 3)} tok/s"
+            rate = render.format_tokens_per_s(m["tokens_per_s"])
+            stats = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {rate} tok/s"
             if m.get("mean_depth") is not None:  # adaptive depth
                 stats += f"  depth {m['mean_depth']:.2f}  saved {m['compute_saved']:.0%}"
-            self.bar.update(self.task, completed=event.step, stats=stats)
+            self.progress.update(event.step, text=stats)
         elif event.kind == "eval":
             m = event.metrics
             parts = [f"step {event.step}: val loss {m['loss']:.4f}", f"ppl {_format(m['perplexity'])}"]
@@ -105,9 +91,9 @@ class TrainProgress:
                 parts.append(f"bpb {m['bits_per_byte']:.4f}")
             if m.get("passkey_accuracy") is not None:
                 parts.append(f"passkey {m['passkey_accuracy']:.2%}")
-            self.bar.console.print("  ".join(parts))
+            self.progress.note("  ".join(parts))
         elif event.kind == "checkpoint":
-            self.bar.console.print(Text(f"checkpoint {event.metrics['path']}", style="dim"))
+            self.progress.note(Text(f"checkpoint {event.metrics['path']}", style="dim"))
 
 
 VALIDATION_COLUMNS = [
@@ -134,7 +120,7 @@ def _summary_rows(payload: dict) -> list[dict]:
         ("parameters", model["parameters"]),
         ("trainable parameters", model["trainable_parameters"]),
         ("toroidal layers", ",".join(map(str, model["toroidal_layers"])) or "-"),
-        ("tokens/s", timing["tokens_per_s"]),
+        ("tokens/s", render.format_tokens_per_s(timing["tokens_per_s"])),
         ("wall time (s)", timing["wall_time_s"]),
     ]
     mechanism = payload.get("mechanism") or {}
@@ -149,7 +135,7 @@ def _summary_rows(payload: dict) -> list[dict]:
 
 # --- the command --------------------------------------------------------------------------------------
 
-OPTION_NAMES = [name for name in PARSERS if name != "max_batches"]
+OPTION_NAMES = [name for name in PARSERS if name not in ("max_batches", "max_tokens", "split")]  # eval's
 
 
 def command(
@@ -161,6 +147,9 @@ def command(
     model: Annotated[
         str, typer.Option(help="tiny, a preset in configs/models, a model folder or hub name.")
     ] = "tiny",
+    position: Annotated[
+        str, typer.Option(help="A preset's position encoding: rope (its own) or none (no rotary: NoPE).")
+    ] = "rope",
     attention: Annotated[
         str | None, typer.Option(help="Old name of --mechanism: toroidal or baseline (= standard).")
     ] = None,
@@ -262,6 +251,11 @@ def command(
     if out is None and "out" in file_values:
         out = Path(str(file_values["out"]))
     out = _run_folder(out, resume)
+    from toroidal.training import SetupError, TrainConfig, train
+    from toroidal.training.footprint import train_footprint
+    from toroidal.training.hub import remote_code_trusted
+    from toroidal.training.runs import METRICS
+
     try:
         with remote_code_trusted(trust_remote_code):
             train_config = TrainConfig(**options)
@@ -322,6 +316,8 @@ def _run_folder(out: Path | None, resume: bool) -> Path:
         return out
     if resume:
         raise UserError("--resume needs --out", "pass the folder of the run to continue")
+    from toroidal.training.distributed import world_size_from_env
+
     if world_size_from_env() > 1:
         raise UserError("under torchrun every process needs the same run folder", "pass --out")
     return Path("runs") / datetime.now().strftime("train-%Y%m%d-%H%M%S")

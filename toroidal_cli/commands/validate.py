@@ -7,9 +7,6 @@ from typing import Annotated
 
 import typer
 
-from toroidal.kernels import backend_names
-from toroidal.mechanisms import mechanism_names
-from toroidal.validate import CheckResult, run_check, summarize, validation_suite
 from toroidal_cli import dryrun, render
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import (
@@ -20,6 +17,7 @@ from toroidal_cli.options import (
     parse_device,
     parse_dtype,
 )
+from toroidal_cli.progress import Progress
 from toroidal_cli.results import capture_env, make_record, write_result
 
 HELP = (
@@ -61,6 +59,11 @@ def command(
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+    # The library (and torch) is imported when the command runs, not for --help.
+    from toroidal.kernels import backend_names
+    from toroidal.mechanisms import mechanism_names
+    from toroidal.validate import CheckResult, run_check, summarize, validation_suite
+
     check_out_path(out)
     backends = list(backend) if backend else None
     unknown = [name for name in backends or [] if name not in backend_names()]
@@ -85,12 +88,14 @@ def command(
         raise UserError(str(error)) from None
     checks: list[CheckResult] = []
     start = time.perf_counter()
-    with render.progress() as bar:
-        task = bar.add_task("validate", total=len(suite))
+    with Progress("validate", "check", total=len(suite)) as progress:
         for group, check in suite:
-            bar.update(task, description=group)
-            checks.extend(run_check(group, check))
-            bar.advance(task)
+            progress.running(group)
+            found = run_check(group, check)
+            checks.extend(found)
+            statuses = [result.status for result in found]
+            counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+            progress.advance(f"{group}: {counts}" if counts else group)
     seconds = time.perf_counter() - start
 
     summary = {**summarize(checks), "seconds": round(seconds, 2)}
