@@ -7,6 +7,7 @@ from torch.library import opcheck
 from toroidal import toroidal_attention
 from toroidal.functional import plan_call
 from toroidal.kernels import get_backend
+from toroidal.kernels.flash_adapter import TorchFlashAdapter
 
 ops = torch.ops.toroidal
 q0 = torch.zeros(1, 1, 4, 4)
@@ -63,12 +64,32 @@ def test_decomposed_ops_pass_opcheck(dtype, causal, padded):
     opcheck(ops.decomposed_backward, detached)
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [(2, 6, 0.1, True, 2, None, 0), (2, 4, 0.5, False, None, None, 0), (2, 12, 0.3, True, None, None, 6)],
+    ids=["causal-window-wrap", "bidirectional", "decoding-offset"],
+)  # depth, period, lambda, causal, window, sliding window, q_offset
+def test_flash2_ops_pass_opcheck(geometry):
+    # 8 positions of 2 platters through the plain-PyTorch adapter; bidirectional with strided inputs.
+    q, k, v, _ = _inputs(torch.float32, n=16, padded=False, transposed=not geometry[3])
+    if geometry[-1]:  # decoding: the last 2 positions (4 platter-tokens) of 8
+        q = q[:, :, -4:].detach().requires_grad_(True)
+    args = (q, k, v, None, *geometry, 0.7, "torch")
+    opcheck(ops.flash2_forward, args)
+    out, lse = ops.flash2_forward(*args)
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    detached = (q.detach(), k.detach(), v.detach(), None, out.detach(), lse, torch.randn_like(out), *args[4:])
+    opcheck(ops.flash2_backward, detached)
+
+
 def test_the_geometry_travels_as_plain_arguments():
     schema = str(ops.native_forward.default._schema)
     plain = ["Tensor? keep", "SymInt depth", "SymInt period", "float lambda_distance", "bool causal"]
     for arg in [*plain, "SymInt? window", "SymInt q_offset", "float scale"]:
         assert arg in schema, schema
     assert "bool causal" in str(ops.decomposed_forward.default._schema)
+    flash2 = str(ops.flash2_forward.default._schema)
+    assert "SymInt? sliding_window" in flash2 and "str adapter" in flash2, flash2
 
 
 def _node_names(grad_fn, depth=4):
@@ -94,3 +115,21 @@ def test_backends_run_through_their_registered_ops(backend):
             big, big, big, None, 4, 1 << 18, 0.1, True, *extra, 0.25
         )
     assert fake.shape == big.shape and lse.shape == big.shape[:-1]
+
+
+def test_flash2_runs_through_its_registered_op():
+    flash2 = get_backend("flash2")
+    saved, flash2.adapter = flash2.adapter, TorchFlashAdapter()
+    try:
+        q, k, v, _ = _inputs(torch.float32, padded=False)
+        out = toroidal_attention(q, k, v, depth=2, causal=True, lambda_distance=0.4, backend="flash2")
+    finally:
+        flash2.adapter = saved
+    assert any("toroidal_flash2_forward" in name for name in _node_names(out.grad_fn)), out.grad_fn
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # shapes only: no flash call is made
+        big = torch.empty(1, 2, 1 << 20, 16, dtype=torch.bfloat16)
+        fake, lse = ops.flash2_forward(
+            big, big, big, None, 4, 1 << 18, 0.1, True, None, None, 0, 0.25, "flash_attn"
+        )
+    assert fake.shape == big.shape and fake.dtype == torch.bfloat16
+    assert lse.shape == big.shape[:-1] and lse.dtype == torch.float32

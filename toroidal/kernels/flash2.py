@@ -31,16 +31,21 @@ alignment pins those), attention weights, queries past the last key whose band k
 can place, and more than `_MAX_BANDS` bands (a period much shorter than the sequence).
 The flash-attn calls go through an adapter (`flash_adapter`); `TorchFlashAdapter` runs the
 same composition on any device and dtype for tests.
+
+The composition is a pair of registered operators, `torch.ops.toroidal.flash2_forward` (output
+and log-sum-exp) and `flash2_backward`, with fake implementations and registered autograd, as
+`native`'s; the adapter travels by name ("flash_attn" or "torch").
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from toroidal.geometry import TorusGeometry
-from toroidal.kernels.base import Backend, BackendUnavailable, register
+from toroidal.kernels.base import Backend, BackendUnavailable, register, register_lse_autograd
 from toroidal.kernels.flash_adapter import FlashAttnAdapter, TorchFlashAdapter
 
 __all__ = ["FlashCall", "Flash2Backend", "TorchFlashAdapter", "plan_calls", "torus_flash_attention"]
@@ -166,6 +171,14 @@ class _Layout:
         b, h, n, d, w = self.batch, self.heads, self.n_queries, self.fold, self.width
         return x.reshape(b, n, h, d, w).permute(0, 2, 1, 3, 4).reshape(b, h, n * d, w)
 
+    def lse_from_queries(self, x):  # (B, H*D, Nq) -> (B, H, Nq*D): the log-sum-exp beside the output
+        b, h, n, d = self.batch, self.heads, self.n_queries, self.fold
+        return x.reshape(b, h, d, n).transpose(2, 3).reshape(b, h, n * d)
+
+    def lse_queries(self, x):  # inverse of `lse_from_queries`
+        b, h, n, d = self.batch, self.heads, self.n_queries, self.fold
+        return x.reshape(b, h, n, d).transpose(2, 3).reshape(b, h * d, n)
+
     def key_platters(self, x):  # (B, H, Nk*D, w) -> (D, B, Nk, H, w): [l] holds key platter l
         b, h, n, d, w = self.batch, self.heads, self.n_keys, self.fold, self.width
         return x.reshape(b, h, n, d, w).permute(3, 0, 2, 1, 4).contiguous()
@@ -198,7 +211,7 @@ class _Composition:
     q_offset: int  # position of query row 0
     lam: float
     scale: float
-    adapter: object
+    adapter: object  # a FlashAttnAdapter or TorchFlashAdapter instance
 
     def pieces(self, heads: int, device, dtype):
         """(call, key platter, query rows, ALiBi slopes or None, lse offset (Hq, 1)) of every flash call."""
@@ -218,60 +231,134 @@ class _Composition:
         return dict(causal=False, window_size=call.window, alibi_slopes=slopes, softmax_scale=self.scale)
 
 
-class _TorusFlash(torch.autograd.Function):
-    """The composed forward, and its backward: each call's own flash backward given the merged out and lse."""
+# The composition is a pair of registered operators, `torch.ops.toroidal.flash2_forward` and
+# `flash2_backward`, with fake (shape-only) implementations and registered autograd, as `native`'s:
+# torch.compile traces them without a graph break. The geometry travels as plain arguments, the
+# adapter by name ("flash_attn": `FlashAttnAdapter`, "torch": `TorchFlashAdapter`); `keep` (key
+# padding) is always None here and only keeps the signature `register_lse_autograd` expects.
+#
+# The log-sum-exp comes back in the platter-token layout of the output: (B, H, Lq) in the compute
+# dtype (float64 for float64 inputs, float32 otherwise), contiguous, natural log, scale and torus
+# bias included; -inf on a row with no key to attend.
 
-    @staticmethod
-    def forward(ctx, q, k, v, plan: _Composition):
-        layout = _Layout(q, k, plan.fold)
-        dtype = _compute_dtype(q.dtype)
-        qf = layout.queries(q)
-        batch, n_queries, heads, width = qf.shape
-        acc = torch.zeros(batch, n_queries, heads, width, dtype=dtype, device=q.device)
-        run = torch.full((batch, heads, n_queries), float("-inf"), dtype=dtype, device=q.device)
-        kp, vp = layout.key_platters(k), layout.key_platters(v)
-        for call, l, rows, slopes, offset in plan.pieces(heads, q.device, dtype):
-            keys = slice(*call.keys)
-            qs = _flip(qf[:, rows], 1, call.flipped)
-            ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
-            out, lse = plan.adapter.forward(qs, ks, vs, **plan.options(call, slopes))
-            out, lse = _flip(out, 1, call.flipped), _flip(lse, -1, call.flipped).to(dtype)
-            # flash-attn's +inf (a row with no key in this call) carries no mass.
-            lse = torch.where(torch.isfinite(lse), lse + offset, float("-inf"))
-            _merge_into(acc[:, rows], run[:, :, rows], out, lse)
-        out = acc.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, run)
-        ctx.plan = plan
-        return layout.from_queries(out)
+_ADAPTERS = {"flash_attn": FlashAttnAdapter(), "torch": TorchFlashAdapter()}
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        q, k, v, out, run = ctx.saved_tensors
-        plan = ctx.plan
-        layout = _Layout(q, k, plan.fold)
-        dtype = run.dtype
-        qf, dout = layout.queries(q), layout.queries(grad.to(q.dtype))
-        # A row with no key anywhere has lse -inf: +inf makes each of its probabilities 0.
-        lse_all = torch.where(torch.isneginf(run), float("inf"), run)
-        kp, vp = layout.key_platters(k), layout.key_platters(v)
-        dq = torch.zeros(qf.shape, dtype=dtype, device=q.device)
-        dk = torch.zeros(kp.shape, dtype=dtype, device=q.device)
-        dv = torch.zeros_like(dk)
-        for call, l, rows, slopes, offset in plan.pieces(qf.shape[2], q.device, dtype):
-            keys = slice(*call.keys)
-            qs, outs, douts = (_flip(t[:, rows], 1, call.flipped) for t in (qf, out, dout))
-            ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
-            lse = _flip(lse_all[:, :, rows] - offset, -1, call.flipped)
-            dq_c, dk_c, dv_c = plan.adapter.backward(
-                douts, qs, ks, vs, outs, lse, **plan.options(call, slopes)
-            )
-            dq[:, rows] += _flip(dq_c, 1, call.flipped).to(dtype)
-            dk[l, :, keys] += _flip(dk_c, 1, call.flipped).to(dtype)
-            dv[l, :, keys] += _flip(dv_c, 1, call.flipped).to(dtype)
-        dq = layout.from_queries(dq).to(q.dtype)
-        dk, dv = layout.from_key_platters(dk).to(k.dtype), layout.from_key_platters(dv).to(v.dtype)
-        return dq, dk, dv, None
+
+def adapter_name(adapter) -> str:
+    """The operators' name for an adapter instance (or a name already)."""
+    if isinstance(adapter, str):
+        if adapter not in _ADAPTERS:
+            raise ValueError(f"unknown flash2 adapter {adapter!r}; choose one of {', '.join(_ADAPTERS)}")
+        return adapter
+    for name, known in _ADAPTERS.items():
+        if isinstance(adapter, type(known)):
+            return name
+    raise TypeError(f"flash2 takes a FlashAttnAdapter or a TorchFlashAdapter, got {type(adapter).__name__}")
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(geometry: TorusGeometry, n_queries: int, n_keys: int):
+    fold, q_offset, calls = planned_calls(geometry, n_queries, n_keys)
+    return fold, q_offset, calls if isinstance(calls, str) else tuple(calls)
+
+
+def _composition(q, k, geometry_args, scale, adapter) -> _Composition:
+    depth, period, lambda_distance, causal, window, sliding_window, q_offset = geometry_args
+    geometry = TorusGeometry(depth, period, lambda_distance, causal, window, q_offset, sliding_window)
+    fold, plan_offset, calls = _cached_plan(geometry, q.shape[-2] // depth, k.shape[-2] // depth)
+    if isinstance(calls, str):
+        raise BackendUnavailable(f"backend 'flash2' unavailable: {calls}")
+    return _Composition(calls, fold, plan_offset, lambda_distance, scale, _ADAPTERS[adapter_name(adapter)])
+
+
+@torch.library.custom_op("toroidal::flash2_forward", mutates_args=())
+def flash2_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, depth: int, period: int,
+    lambda_distance: float, causal: bool, window: int | None, sliding_window: int | None, q_offset: int,
+    scale: float, adapter: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(output (B, H, Lq, w) in q's dtype, log-sum-exp (B, H, Lq) in the compute dtype) of the flash
+    composition on platter-tokens q (B, H, Lq, w), k and v (B, H, Lk, w); both contiguous."""
+    if keep is not None:
+        raise BackendUnavailable("backend 'flash2' unavailable: flash2 takes no key padding mask")
+    geometry = (depth, period, lambda_distance, causal, window, sliding_window, q_offset)
+    plan = _composition(q, k, geometry, scale, adapter)
+    layout = _Layout(q, k, plan.fold)
+    dtype = _compute_dtype(q.dtype)
+    qf = layout.queries(q)
+    batch, n_queries, heads, width = qf.shape
+    acc = torch.zeros(batch, n_queries, heads, width, dtype=dtype, device=q.device)
+    run = torch.full((batch, heads, n_queries), float("-inf"), dtype=dtype, device=q.device)
+    kp, vp = layout.key_platters(k), layout.key_platters(v)
+    for call, l, rows, slopes, offset in plan.pieces(heads, q.device, dtype):
+        keys = slice(*call.keys)
+        qs = _flip(qf[:, rows], 1, call.flipped)
+        ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
+        out, lse = plan.adapter.forward(qs, ks, vs, **plan.options(call, slopes))
+        out, lse = _flip(out, 1, call.flipped), _flip(lse, -1, call.flipped).to(dtype)
+        # flash-attn's +inf (a row with no key in this call) carries no mass.
+        lse = torch.where(torch.isfinite(lse), lse + offset, float("-inf"))
+        _merge_into(acc[:, rows], run[:, :, rows], out, lse)
+    out = layout.from_queries(acc.to(q.dtype)).contiguous()
+    return out, layout.lse_from_queries(run).contiguous()
+
+
+@flash2_forward.register_fake
+def _flash2_forward_fake(q, k, v, keep, *geometry_and_options):
+    *lead, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(lead, dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("toroidal::flash2_backward", mutates_args=())
+def flash2_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, grad: torch.Tensor, depth: int, period: int, lambda_distance: float, causal: bool,
+    window: int | None, sliding_window: int | None, q_offset: int, scale: float, adapter: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (q, k, v), contiguous, from the forward's output and log-sum-exp: each flash call's
+    own backward given the merged output and the merged log-sum-exp minus that call's offset."""
+    geometry = (depth, period, lambda_distance, causal, window, sliding_window, q_offset)
+    plan = _composition(q, k, geometry, scale, adapter)
+    layout = _Layout(q, k, plan.fold)
+    dtype = _compute_dtype(q.dtype)
+    qf, outf, dout = layout.queries(q), layout.queries(out.to(q.dtype)), layout.queries(grad.to(q.dtype))
+    run = layout.lse_queries(lse.to(dtype))
+    # A row with no key anywhere has lse -inf: +inf makes each of its probabilities 0.
+    lse_all = torch.where(torch.isneginf(run), float("inf"), run)
+    kp, vp = layout.key_platters(k), layout.key_platters(v)
+    dq = torch.zeros(qf.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(kp.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros_like(dk)
+    for call, l, rows, slopes, offset in plan.pieces(qf.shape[2], q.device, dtype):
+        keys = slice(*call.keys)
+        qs, outs, douts = (_flip(t[:, rows], 1, call.flipped) for t in (qf, outf, dout))
+        ks, vs = (_flip(t[l, :, keys], 1, call.flipped) for t in (kp, vp))
+        lse_c = _flip(lse_all[:, :, rows] - offset, -1, call.flipped)
+        dq_c, dk_c, dv_c = plan.adapter.backward(douts, qs, ks, vs, outs, lse_c, **plan.options(call, slopes))
+        dq[:, rows] += _flip(dq_c, 1, call.flipped).to(dtype)
+        dk[l, :, keys] += _flip(dk_c, 1, call.flipped).to(dtype)
+        dv[l, :, keys] += _flip(dv_c, 1, call.flipped).to(dtype)
+    dq = layout.from_queries(dq).to(q.dtype).contiguous()
+    dk = layout.from_key_platters(dk).to(k.dtype).contiguous()
+    dv = layout.from_key_platters(dv).to(v.dtype).contiguous()
+    return dq, dk, dv
+
+
+@flash2_backward.register_fake
+def _flash2_backward_fake(q, k, v, keep, out, lse, grad, *geometry_and_options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+
+
+# The overloads themselves: calling them skips the Python wrapper's checks.
+_FORWARD_OP = torch.ops.toroidal.flash2_forward.default
+_BACKWARD_OP = torch.ops.toroidal.flash2_backward.default
+register_lse_autograd(flash2_forward, _BACKWARD_OP)
+
+
+def geometry_args(geometry: TorusGeometry) -> tuple:
+    """A `TorusGeometry` as the operators' arguments (depth ... q_offset), before the scale."""
+    g = geometry
+    return (g.depth, g.period, float(g.lambda_distance), g.causal, g.window, g.sliding_window, g.q_offset)
 
 
 def _cuts_the_ring(geometry: TorusGeometry) -> bool:
@@ -299,18 +386,18 @@ def planned_calls(geometry: TorusGeometry, n_queries: int, n_keys: int, max_band
     return fold, folded.q_offset, plan_calls(folded, n_queries * tokens, n_keys * tokens, max_bands)
 
 
-def torus_flash_attention(q, k, v, geometry: TorusGeometry, scale: float, adapter, max_bands=_MAX_BANDS):
+def torus_flash_attention(q, k, v, geometry: TorusGeometry, scale: float, adapter):
     """Toroidal attention of platter-tokens q (B, H, Nq*D, w), k, v (B, H, Nk*D, w) composed of flash calls.
 
-    Differentiable in q, k and v (no double backward). `adapter`: `FlashAttnAdapter` or
-    `TorchFlashAdapter`. Raises `BackendUnavailable` where no plan exists (see `plan_calls`).
+    Runs `torch.ops.toroidal.flash2_forward`: differentiable in q, k and v (no double backward).
+    `adapter`: a `FlashAttnAdapter` or `TorchFlashAdapter` (or its name, "flash_attn" or "torch").
+    Raises `BackendUnavailable` where no plan exists (see `plan_calls`).
     """
     depth = geometry.depth
-    fold, q_offset, calls = planned_calls(geometry, q.shape[-2] // depth, k.shape[-2] // depth, max_bands)
+    _, _, calls = _cached_plan(geometry, q.shape[-2] // depth, k.shape[-2] // depth)
     if isinstance(calls, str):
         raise BackendUnavailable(f"backend 'flash2' unavailable: {calls}")
-    plan = _Composition(tuple(calls), fold, q_offset, geometry.lambda_distance, scale, adapter)
-    return _TorusFlash.apply(q, k, v, plan)
+    return _FORWARD_OP(q, k, v, None, *geometry_args(geometry), float(scale), adapter_name(adapter))[0]
 
 
 def unsupported_call(request) -> str | None:
