@@ -102,7 +102,6 @@ def _static_fields(request: KernelRequest) -> tuple:
     )  # fmt: skip
 
 
-@torch.compiler.assume_constant_result
 def _decided_while_tracing(
     name, device_type, dtype, requires_grad, need_weights, n_queries, n_keys, has_padding,
     depth, period, lambda_distance, causal, window, q_offset, sliding_window,
@@ -122,6 +121,11 @@ def _decided_while_tracing(
     tile = getattr(backend, "tile", None)
     changed = backend is not registered and tile != getattr(registered, "tile", None)
     return backend.name, (tile if changed else None), None
+
+
+# What `torch.compiler.assume_constant_result` does, without its import of torch._dynamo: that
+# import costs ~1.1 s of every start-up, and eager runs never trace. (test_compile checks it holds.)
+_decided_while_tracing._dynamo_marked_constant = True
 
 
 def _resolve(name: str, request: KernelRequest) -> Backend:
