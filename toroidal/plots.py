@@ -1,7 +1,8 @@
-"""Pictures of results: benchmark scaling, training curves, attention patterns.
+"""Pictures of results: benchmark scaling, training curves, attention patterns, length extrapolation.
 
 Each `plot_*` function takes data already loaded (bench rows, train result records,
-an attention weight matrix) and writes FILE.png plus FILE.plot.json, the numbers drawn.
+an attention weight matrix, lines of a metric per evaluation length) and writes FILE.png plus
+FILE.plot.json, the numbers drawn.
 Both files are written atomically (a temp file beside them, then os.replace).
 Figures have a fixed size and dpi and the PNG carries no software or time stamp,
 so the same data gives the same bytes on one machine.
@@ -30,6 +31,7 @@ DPI = 100
 BENCH_SIZE = (11.0, 9.0)  # inches; pixels = inches * DPI
 TRAIN_SIZE = (11.0, 4.5)
 ATTENTION_SIZE = (11.0, 5.0)
+LENGTHS_SIZE = (9.0, 5.0)
 
 
 class PlotUnavailable(ImportError):
@@ -379,4 +381,85 @@ def plot_attention(
     }
     if tokens is not None:
         numbers["tokens"] = tokens
+    return _save(figure, out, numbers)
+
+
+# --- lengths -------------------------------------------------------------------------------------------
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def lengths_numbers(series: list[dict], metric: str = "perplexity") -> dict:
+    """The numbers the lengths plot draws. Each series: `label`, `seq_len` (ascending), `mean`, and
+    per point `low`, `high` (the spread of several runs) and `runs` (how many), and the training
+    lengths of its runs `training_seq_len` (a list; empty when unknown). Adds a colour per series
+    and the training-length marks: grey where several series share one, else the series' colour."""
+    lines = [{**line, "color": f"C{index % 10}"} for index, line in enumerate(series)]
+    owners: dict[int, list[str]] = {}
+    for line in lines:
+        for length in line.get("training_seq_len") or []:
+            owners.setdefault(length, []).append(line["color"])
+    marks = [
+        {"seq_len": length, "color": colors[0] if len(colors) == 1 else "gray"}
+        for length, colors in sorted(owners.items())
+    ]
+    return {"kind": "lengths", "metric": metric, "series": lines, "training": marks}
+
+
+def plot_lengths(
+    series: list[dict], out: str | os.PathLike, metric: str = "perplexity", title: str | None = None
+) -> tuple[Path, Path]:
+    """`metric` versus evaluation length, a line per series (`lengths_numbers`), as in ALiBi's figure:
+    log-2 length axis, the training length a dashed vertical line, the min-max band of several runs.
+    The metric axis is logarithmic where it spans more than a factor of 10."""
+    from matplotlib.ticker import NullLocator
+
+    numbers = lengths_numbers(series, metric)
+    figure = _new_figure(LENGTHS_SIZE)
+    axes = figure.subplots()
+    drawn, lengths = [], set()
+    for line in numbers["series"]:
+        points = [
+            (x, y, lo, hi, n)
+            for x, y, lo, hi, n in zip(
+                line["seq_len"], line["mean"], line["low"], line["high"], line["runs"], strict=True
+            )
+            if _finite(y)
+        ]
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        most = max(p[4] for p in points)
+        label = line["label"] if most == 1 else f"{line['label']} (mean of {most}, min-max)"
+        axes.plot(xs, ys, marker="o", markersize=4, color=line["color"], label=label)
+        if most > 1:
+            lows, highs = [p[2] for p in points], [p[3] for p in points]
+            axes.fill_between(xs, lows, highs, color=line["color"], alpha=0.2, linewidth=0)
+        drawn += ys
+        lengths.update(xs)
+    if not drawn:
+        _no_data(axes)
+    else:
+        for mark in numbers["training"]:
+            axes.axvline(
+                mark["seq_len"], color=mark["color"], linestyle="--", linewidth=1,
+                label=f"training length {mark['seq_len']}",
+            )  # fmt: skip
+            lengths.add(mark["seq_len"])
+        axes.set_xscale("log", base=2)
+        ticks = sorted(lengths)
+        axes.set_xticks(ticks, [str(n) for n in ticks])
+        axes.xaxis.set_minor_locator(NullLocator())
+        positive = [y for y in drawn if y > 0]
+        if len(positive) == len(drawn) and max(drawn) > 10 * min(drawn):
+            axes.set_yscale("log")
+        axes.legend(fontsize=8)
+    axes.set(
+        title=title or f"{metric.replace('_', ' ')} versus evaluation length",
+        xlabel="evaluation length (tokens per window)",
+        ylabel=metric.replace("_", " "),
+    )
+    axes.grid(True, alpha=0.3)
     return _save(figure, out, numbers)

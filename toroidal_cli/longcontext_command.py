@@ -210,7 +210,8 @@ def make_command(suite_name: str):
             typer.Option(help="A `toroidal train` run folder (model, tokenizer, toroidal layers)."),
         ] = None,
         model: Annotated[
-            str | None, typer.Option(help="Instead: a preset (configs/models), model folder or hub name.")
+            str | None,
+            typer.Option(help="Instead: a preset (configs/models), model folder, .gguf file or hub name."),
         ] = None,
         tasks: Annotated[
             str | None,

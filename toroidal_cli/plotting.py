@@ -1,16 +1,18 @@
-"""Pictures written by commands: the checks before the work, and bench rows and run folders drawn.
+"""Pictures written by commands: the checks before the work, and bench rows, run folders and eval
+results per length drawn.
 
-Used by `toroidal plot` and by the `--plot` option of `bench` and `train`. Each picture is FILE.png
+Used by `toroidal plot` and by the `--plot` option of `bench`, `train` and `eval`. Each picture is FILE.png
 plus FILE.plot.json (the numbers drawn); drawing needs the `plot` extra (matplotlib).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from toroidal import plots
 from toroidal.runtime.install import missing_module_message
-from toroidal_cli import render
+from toroidal_cli import lengths, render
 from toroidal_cli.errors import UserError
 from toroidal_cli.options import check_out_path
 from toroidal_cli.results import read_result
@@ -77,3 +79,67 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
             name = str(run_dir)
         runs[name] = record
     write(plots.plot_train, runs, out)
+
+
+# --- lengths (`eval --plot`, `plot lengths`) ----------------------------------------------------------------
+
+LENGTH_METRICS = ("perplexity", "bits_per_byte", "bits_per_token", "loss", "passkey_accuracy")
+
+
+def length_series(runs: list[tuple[str, list[dict], int | None]], metric: str, group: bool) -> list[dict]:
+    """Lines of `metric` versus length for `toroidal.plots.plot_lengths`, from runs (label, rows per
+    length, training length or None). `group`: runs with one label become one line, their mean with
+    the min-max spread, at every length any of them scored; else every label must be its own."""
+    if metric not in LENGTH_METRICS:
+        raise UserError(f"--metric {metric!r} is not drawn per length", f"use {', '.join(LENGTH_METRICS)}")
+    grouped: dict[str, list[tuple[list[dict], int | None]]] = {}
+    for label, rows, trained in runs:
+        if label in grouped and not group:
+            raise UserError(
+                f"two results are labelled {label!r}",
+                "give each its own --label, or pass --group to draw their mean and spread",
+            )
+        grouped.setdefault(label, []).append((rows, trained))
+    series = []
+    for label, members in grouped.items():
+        values: dict[int, list[float]] = {}
+        for rows, _ in members:
+            for row in rows:
+                value = row["metrics"].get(metric)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    values.setdefault(row["seq_len"], []).append(float(value))
+        lengths = sorted(values)
+        series.append(
+            {
+                "label": label,
+                "seq_len": lengths,
+                "mean": [sum(values[n]) / len(values[n]) for n in lengths],
+                "low": [min(values[n]) for n in lengths],
+                "high": [max(values[n]) for n in lengths],
+                "runs": [len(values[n]) for n in lengths],
+                "training_seq_len": sorted({trained for _, trained in members if trained is not None}),
+            }
+        )
+    if not any(line["seq_len"] for line in series):
+        raise UserError(f"no result has a {metric} to draw", "pick another --metric")
+    return series
+
+
+def read_length_runs(paths: list[Path], labels: list[str] | None) -> list[tuple[str, list[dict], int | None]]:
+    """(label, rows per length, training length) of each `toroidal eval --out` file; labels by file
+    name unless given, one per file."""
+    if labels and len(labels) != len(paths):
+        raise UserError(
+            f"{len(labels)} --label for {len(paths)} result files", "give one --label per file, in order"
+        )
+    runs = []
+    for index, path in enumerate(paths):
+        record = read_result(path, command="eval")
+        rows = lengths.result_rows(record, str(path))
+        label = labels[index] if labels else path.stem
+        runs.append((label, rows, lengths.summary(record).get("training_seq_len")))
+    return runs
+
+
+def plot_lengths(series: list[dict], out: Path, metric: str = "perplexity") -> None:
+    write(plots.plot_lengths, series, out, metric)

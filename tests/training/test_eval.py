@@ -249,7 +249,7 @@ def test_toroidal_weights_of_another_depth_do_not_load(runs, tmp_path):
         (["--model", "micro", "--dataset", "cifar"], ["unknown dataset"]),
         (["--model", "nobody/none"], ["not reachable"]),
         (["--model", "micro", "--tokenizer", "bpe:500"], ["trained by `toroidal train`"]),
-        (["--model", "micro", "--seq-len", "4096"], ["512 positions"]),
+        (["--model", "tiny-gpt2", "--seq-len", "4096"], ["1024 positions"]),  # learned positions (wpe)
         (["--model", "micro", "--fail-on-regression", "5"], ["needs --compare"]),
         (["--model", "micro", "--compare", "/no/such.json"], ["does not exist"]),
         (["--model", "micro", "--gate", "speed"], ["--gate 'speed'"]),

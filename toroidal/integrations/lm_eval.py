@@ -3,7 +3,8 @@
     python -m toroidal.integrations.lm_eval --model toroidal \\
         --model_args checkpoint=runs/pk --tasks toroidal_passkey_1024 --include_path configs/tasks
 
-`model_args`: checkpoint=DIR or pretrained=NAME|PATH; attention=auto|toroidal|baseline or
+`model_args`: checkpoint=DIR or pretrained=NAME|PATH (a model folder, or a GGUF file: pretrained=PATH.gguf
+or pretrained=FOLDER,gguf=NAME.gguf); attention=auto|toroidal|baseline or
 mechanism=NAME with its options; the toroidal options (depth, lambda, period, window, fusion,
 fusion_rank, backend, layers=0;2); tokenizer, seed, device, dtype, batch_size, max_length, and
 HFLM's own. Only model loading and the tokenizer are ours (`as_hf_tokenizer` gives the byte and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from pathlib import Path
 
 import torch
 from lm_eval.api.registry import model_registry, register_model
@@ -117,6 +119,11 @@ def _optional_int(value, name: str) -> int | None:
 def spec_from_args(args: dict) -> ModelSpec:
     """A ModelSpec from lm-eval model arguments (already typed by lm-eval's parser)."""
     args = {_SPEC_ALIASES.get(key, key): value for key, value in args.items()}
+    gguf = args.pop("gguf", None)
+    if gguf not in (None, ""):  # a GGUF file named apart from its folder
+        if args.get("pretrained") in (None, ""):
+            raise ValueError(f"gguf={gguf}: give its folder as pretrained=FOLDER")
+        args["pretrained"] = str(Path(str(args["pretrained"])) / str(gguf))
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     mechanism = args.get("mechanism")
     if mechanism not in (None, "", "standard", "toroidal"):  # its own options are model arguments
@@ -126,7 +133,7 @@ def spec_from_args(args: dict) -> ModelSpec:
     if unknown:
         raise ValueError(
             f"unknown toroidal model argument(s) {', '.join(unknown)}; known: "
-            f"{', '.join(sorted(known | {'lambda', *HFLM_OPTIONS, *WRAPPER_OPTIONS}))}"
+            f"{', '.join(sorted(known | {'lambda', 'gguf', *HFLM_OPTIONS, *WRAPPER_OPTIONS}))}"
         )
     for name in ("period", "window", "fusion_rank", "depth", "max_len", "seed"):
         if name in args:

@@ -17,6 +17,8 @@ OPTIONAL_MODULES = {
     "transformers": ("transformers", "eval"),
     "lm_eval": ("lm-eval", "eval"),
     "datasets": ("datasets", "eval"),
+    "gguf": ("gguf", "eval"),  # local GGUF model files: transformers reads them with gguf and accelerate
+    "accelerate": ("accelerate", "eval"),
     "matplotlib": ("matplotlib", "plot"),
     "geoopt": ("geoopt", "hyperbolic"),
     "flash_attn": ("flash-attn", "gpu"),

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-00000100/` holding
 
-    model.safetensors        every model tensor (shared tensors once)
+    model.safetensors        every model tensor (shared tensors once); a --freeze-base run on a
+                             pretrained base: only the tensors it trains (see frozen.py)
     optimizer.safetensors    the optimizer's per-parameter tensors, keyed "<param index>/<name>"
     optimizer.json           its param groups and non-tensor state
     trainer_state.json       step, tokens, loss history, evaluations, elapsed time, GradScaler state
@@ -23,9 +24,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from toroidal.training.errors import CheckpointError
+from toroidal.training.frozen import FORMAT, load_trained, save_tensors
 
 FOLDER = "checkpoints"
 _STEP = re.compile(r"step-(\d+)")
@@ -95,8 +98,11 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
-def _save_model(model, folder: Path) -> None:
-    save_model(model, str(folder / "model.safetensors"))
+def _save_model(model, folder: Path, tensors: dict[str, torch.Tensor] | None) -> None:
+    if tensors is None:
+        save_model(model, str(folder / "model.safetensors"))
+    else:
+        save_tensors(tensors, folder / "model.safetensors")
 
 
 def _save_optimizer(optimizer, folder: Path) -> None:
@@ -105,8 +111,18 @@ def _save_optimizer(optimizer, folder: Path) -> None:
     _write_json(folder / "optimizer.json", meta)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int = 1) -> Path:
-    """Write the checkpoint of `step` atomically; then keep only the newest `keep` checkpoints."""
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    keep: int = 1,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint of `step` atomically; then keep only the newest `keep` checkpoints.
+
+    `tensors`: save only these model tensors (what a run on a frozen base trains), not the whole model."""
     root = Path(run_dir) / FOLDER
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed while saving
@@ -115,7 +131,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         tmp.mkdir()
-        _save_model(model, tmp)
+        _save_model(model, tmp, tensors)
         _save_optimizer(optimizer, tmp)
         _write_json(tmp / "trainer_state.json", trainer_state)
         for name in FILES:
@@ -144,16 +160,37 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    """Restore model and optimizer from a checkpoint folder; returns its trainer state."""
+def _trained_only(path: Path) -> bool:
+    """Whether a model file holds only trained tensors (`frozen.save_tensors`)."""
+    with safe_open(str(path), framework="pt") as file:
+        return (file.metadata() or {}).get("format") == FORMAT
+
+
+def load_checkpoint(folder: Path, model, optimizer, trained: set[str] | None = None) -> dict:
+    """Restore model and optimizer from a checkpoint folder; returns its trainer state.
+
+    `trained`: the names of the tensors a run on a frozen base saves; a checkpoint holding only
+    trained tensors must hold exactly these."""
     folder = Path(folder)
     state = _read_json(folder / "trainer_state.json")
     meta = _read_json(folder / "optimizer.json")
+    path = folder / "model.safetensors"
     try:
-        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+        if _trained_only(path):
+            if trained is None:
+                raise CheckpointError(
+                    f"checkpoint {folder} holds only the trained tensors of a frozen base",
+                    "resume with the options the run was started with (--freeze-base)",
+                )
+            load_trained(model, load_file(str(path)), trained, str(path))
+            missing, unexpected = [], []
+        else:
+            missing, unexpected = load_model(model, str(path), strict=False)
         tensors = load_file(str(folder / "optimizer.safetensors"))
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint file {error.filename} is missing") from None
+    except CheckpointError:
+        raise
     except Exception as error:  # safetensors raises its own error type for a corrupt header
         raise CheckpointError(f"checkpoint {folder} cannot be read: {error}") from None
     if missing or unexpected:

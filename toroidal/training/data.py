@@ -231,7 +231,7 @@ class TextDataset(LMDataset):
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, n_bytes: int, name: str):
         super().__init__(seq_len)
-        self.tokens = tokens
+        self.tokens, self.n_bytes, self.name = tokens, n_bytes, name
         self.size = max(0, (len(tokens) - 1) // seq_len)
         self.bytes_per_token = n_bytes / max(1, len(tokens))
         if self.size == 0:
@@ -243,6 +243,10 @@ class TextDataset(LMDataset):
     def sample(self, index: int) -> torch.Tensor:
         start = index * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
+
+    def at_seq_len(self, seq_len: int) -> TextDataset:
+        """The same token stream in chunks of `seq_len` (tokenized once, scored at several lengths)."""
+        return TextDataset(self.tokens, seq_len, self.n_bytes, self.name)
 
 
 # --- text sources ----------------------------------------------------------------------------------

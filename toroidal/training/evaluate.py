@@ -8,6 +8,17 @@ seen in training), the text `train` held out for text:PATH and code:DIR, the tes
 validation) split of a hub dataset; `split="all"` scores all of a text. `max_tokens` scores the
 first ceil(max_tokens / seq_len) samples at any batch size. `result.scored` says what was scored:
 dataset, split, seq_len, samples, tokens and a fingerprint of the token ids (`TokenFingerprint`).
+
+Several window lengths (`lengths=[128, 256, 512]`, length extrapolation): one model, each length
+scored as `seq_len` alone would score it, into `result.rows` (seq_len, metrics, scored, mechanism
+metrics); `result.summary` holds the run's training length and the model's stated positions.
+On a text, windows of every length tile the text from its first token, so with `max_tokens` N
+each length scores the first N tokens as ceil(N / length) windows: the same tokens wherever every
+length divides N; elsewhere the last window runs up to length - 1 tokens past N. A text too short
+for the budget is scored in whole windows of each length (each row's tail shorter than a window is
+left out). `summary["same_text"]` says whether every row scored the same tokens (None: synthetic
+data, generated at each length). Lengths past the model's positions are scored wherever the
+positions are computed (`length_refusal`).
 With `streaming=True` the metrics also hold `streaming_<metric>`: the same samples scored token
 by token on constant-size states (`toroidal.training.streaming_eval`).
 """
@@ -20,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from toroidal.config import TORUS_FLAGS
+from toroidal.integrations.transformers import length_refusal
 from toroidal.training.data import (
     DataOptions,
     check_eval_split,
@@ -40,7 +52,14 @@ from toroidal.training.mechanism import (
     reset_mechanism_metrics,
     resolve_mechanism,
 )
-from toroidal.training.metrics import Precision, TokenFingerprint, evaluate_lm, peak_memory_mb, sample_count
+from toroidal.training.metrics import (
+    Precision,
+    TokenFingerprint,
+    evaluate_lm,
+    peak_memory_mb,
+    sample_count,
+    token_losses,
+)
 from toroidal.training.models import (
     add_toroidal,
     build_model,
@@ -82,6 +101,7 @@ class EvalConfig:
     passkey_digits: int = 5
     tokenizer: str = "auto"
     seq_len: int = 128
+    lengths: list[int] | None = None  # several window lengths, each scored as seq_len alone (module doc)
     batch_size: int = 8
     max_batches: int | None = None  # None: all of a text set, 16 batches of synthetic data
     max_tokens: int | None = None  # instead: the first ceil(max_tokens / seq_len) samples, any batch size
@@ -114,13 +134,32 @@ class EvalConfig:
             )
         if self.streaming:
             check_streaming_options(self.latent_size, self.update)
+        if self.lengths is not None:
+            self._check_lengths()
 
-    def data_options(self) -> DataOptions:
-        return DataOptions(self.seq_len, self.data_period, self.data_vocab, self.passkey_digits, self.seed)
+    def _check_lengths(self) -> None:
+        """Several lengths: sorted, each >= 1 and given once; `seq_len` becomes the shortest (the
+        ring length of a `model`'s mechanism). One length is `seq_len` alone."""
+        lengths = list(self.lengths)
+        bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if not lengths or bad:
+            raise SetupError(f"--seq-len {bad[0] if bad else ''}: every length must be an integer >= 1")
+        twice = sorted({n for n in lengths if lengths.count(n) > 1})
+        if twice:
+            raise SetupError(f"--seq-len {twice[0]} is given twice", "list each length once")
+        if self.streaming and len(lengths) > 1:
+            raise SetupError("--streaming scores one length", "give --seq-len one length with --streaming")
+        self.lengths = sorted(lengths) if len(lengths) > 1 else None
+        self.seq_len = min(lengths)
 
-    def max_samples(self) -> int | None:
-        """The samples a token budget scores (None: no budget)."""
-        return None if self.max_tokens is None else math.ceil(self.max_tokens / self.seq_len)
+    def data_options(self, seq_len: int | None = None) -> DataOptions:
+        seq_len = self.seq_len if seq_len is None else seq_len
+        return DataOptions(seq_len, self.data_period, self.data_vocab, self.passkey_digits, self.seed)
+
+    def max_samples(self, seq_len: int | None = None) -> int | None:
+        """The samples a token budget scores at `seq_len` (default: this config's; None: no budget)."""
+        seq_len = self.seq_len if seq_len is None else seq_len
+        return None if self.max_tokens is None else math.ceil(self.max_tokens / seq_len)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -134,6 +173,10 @@ class EvalResult:
     device: torch.device
     mechanism: dict | None = None  # name, options, layers and kernel metrics (mechanism_record)
     scored: dict | None = None  # dataset, split, seq_len, samples, tokens, fingerprint
+    # Several lengths: metrics and scored are None; a row per length (seq_len, metrics, scored,
+    # mechanism_metrics) and the summary (training_seq_len, model_positions, same_text).
+    rows: list[dict] | None = None
+    summary: dict | None = None
 
 
 def run_defaults(checkpoint: str) -> dict:
@@ -143,12 +186,15 @@ def run_defaults(checkpoint: str) -> dict:
 
 
 def _model_and_tokenizer(config: EvalConfig):
-    """(model, tokenizer, mechanism, toroidal config or None, mechanism layers, other kernel options)."""
+    """(model, tokenizer, mechanism, toroidal config or None, mechanism layers, other kernel options,
+    the run's training length or None)."""
     if config.checkpoint is not None:
         run = load_run(config.checkpoint)
-        return run.model, run.tokenizer, run.mechanism, run.toroidal, run.layers or [], run.mechanism_options
+        layers, trained = run.layers or [], run.config.seq_len
+        return run.model, run.tokenizer, run.mechanism, run.toroidal, layers, run.mechanism_options, trained
     source, tokenizer = source_and_tokenizer(config.model, config.tokenizer)
-    model = build_model(source, tokenizer, config.seq_len, config.seed, config.position)
+    # No length check here: `length_refusal` decides per length (RoPE computes past the stated positions).
+    model = build_model(source, tokenizer, None, config.seed, config.position)
     layers = check_layers(model, config.layers)
     toroidal = kernel = None
     options = {key: getattr(config, key) for key in TORUS_FLAGS}
@@ -159,13 +205,32 @@ def _model_and_tokenizer(config: EvalConfig):
         kernel = kernel_options(config.mechanism, options, config.mechanism_options, config.seq_len)
         layers = add_mechanism(model, config.mechanism, kernel, layers)
     layers = layers if config.mechanism != "standard" else []
-    return model.eval(), tokenizer, config.mechanism, toroidal, layers, kernel
+    return model.eval(), tokenizer, config.mechanism, toroidal, layers, kernel, None
+
+
+def _refuse_lengths(model, lengths: list[int], device: torch.device, precision: str) -> None:
+    """A SetupError, before any scoring, naming the first length the model cannot score."""
+    dtype = Precision(precision).dtype or torch.float32
+    for length in lengths:
+        reason = length_refusal(model, length, device.type, dtype)
+        if reason is not None:
+            fix = f"drop --seq-len {length} and longer" if len(lengths) > 1 else "use a shorter --seq-len"
+            raise SetupError(f"cannot score --seq-len {length}: {reason}", fix)
+
+
+def _datasets(spec, config: EvalConfig, split: str, tokenizer, text, lengths: list[int]) -> list:
+    """A dataset per length; a text is tokenized once and cut into windows of each length."""
+    first = make_dataset(spec, config.data_options(lengths[0]), split, tokenizer, text)
+    if spec.is_text:
+        return [first] + [first.at_seq_len(n) for n in lengths[1:]]
+    return [first] + [make_dataset(spec, config.data_options(n), split, tokenizer, text) for n in lengths[1:]]
 
 
 def evaluate(config: EvalConfig, progress=None, before_scoring=None) -> EvalResult:
-    """Measure the model of `config` on its dataset. `progress(done, total)` after each batch;
-    `before_scoring(scored)` once the samples are known, with `scored` but no fingerprint yet
-    (it may raise to stop before the work)."""
+    """Measure the model of `config` on its dataset, at each of `config.lengths` when given.
+    `progress(done, total)` after each batch (samples, over all lengths); `before_scoring(scored)`
+    once per length when the samples are known, before any is scored, with `scored` but no
+    fingerprint yet (it may raise to stop before the work)."""
     device = resolve_device(config.device, DistInfo())
     if config.precision != "fp32" and device.type != "cuda":
         raise SetupError(f"--precision {config.precision} needs a CUDA device", "use --precision fp32 on CPU")
@@ -174,47 +239,46 @@ def evaluate(config: EvalConfig, progress=None, before_scoring=None) -> EvalResu
         text, split = eval_text(spec, config.split)
     else:
         text, split = None, synthetic_eval_split(config.split)
-    model, tokenizer, mechanism, toroidal, layers, kernel = _model_and_tokenizer(config)
+    model, tokenizer, mechanism, toroidal, layers, kernel, trained = _model_and_tokenizer(config)
     if config.streaming:
         check_streaming_model(model)  # before the work, not after it
-    limit = max_positions(model.config)
-    if limit is not None and config.seq_len > limit:
-        raise SetupError(f"the model has {limit} positions, fewer than --seq-len {config.seq_len}")
-    dataset = make_dataset(spec, config.data_options(), split, tokenizer, text)
-    samples = sample_count(dataset, config.batch_size, config.max_batches, config.max_samples())
-    scored = {
-        "dataset": str(spec),
-        "split": split,
-        "seq_len": config.seq_len,
-        "samples": samples,
-        "tokens": samples * config.seq_len,
-        "fingerprint": None,
-    }
+    lengths = config.lengths or [config.seq_len]
+    _refuse_lengths(model, lengths, device, config.precision)
+    datasets = _datasets(spec, config, split, tokenizer, text, lengths)
+    planned = []
+    for length, dataset in zip(lengths, datasets, strict=True):
+        samples = sample_count(dataset, config.batch_size, config.max_batches, config.max_samples(length))
+        planned.append(
+            {
+                "dataset": str(spec),
+                "split": split,
+                "seq_len": length,
+                "samples": samples,
+                "tokens": samples * length,
+                "fingerprint": None,
+            }
+        )
     if before_scoring is not None:
-        before_scoring(dict(scored))
-    fingerprint = TokenFingerprint()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    reset_mechanism_metrics(model)
-    metrics = evaluate_lm(
-        model,
-        dataset,
-        batch_size=config.batch_size,
-        max_batches=config.max_batches,
-        max_samples=config.max_samples(),
-        device=device,
-        precision=Precision(config.precision),
-        progress=progress,
-        fingerprint=fingerprint,
-    )
-    scored.update(tokens=metrics["tokens"], fingerprint=fingerprint.hexdigest())
+        for scored in planned:
+            before_scoring(dict(scored))
     options = toroidal.to_dict() if toroidal is not None else kernel
-    mechanism_summary = mechanism_record(model, mechanism, options, layers)  # measured over evaluate_lm
+    total, done_before, rows = sum(scored["samples"] for scored in planned), 0, []
+    model.to(device)
+    if config.lengths is not None:  # the first length's tokens/s without the first call's set-up costs
+        with torch.no_grad():
+            token_losses(model, datasets[0].batch([0]).to(device), Precision(config.precision), device)
+    for scored, dataset in zip(planned, datasets, strict=True):
+        offset = done_before
+        step = None if progress is None else (lambda done, _, offset=offset: progress(offset + done, total))
+        metrics = _score(model, dataset, config, scored, device, step)
+        rows.append({"seq_len": scored["seq_len"], "metrics": metrics, "scored": scored})
+        rows[-1]["mechanism"] = mechanism_record(model, mechanism, options, layers)  # measured over it
+        rows[-1]["peak"] = peak_memory_mb(device)
+        done_before += scored["samples"]
     if config.streaming:
         streamed = streaming_metrics(
             model,
-            dataset,
+            datasets[0],
             latent_size=config.latent_size,
             update=config.update,
             seed=config.seed,
@@ -225,9 +289,11 @@ def evaluate(config: EvalConfig, progress=None, before_scoring=None) -> EvalResu
             device=device,
             precision=Precision(config.precision),
         )
-        metrics.update(streamed)
-    metrics["peak_memory_mb"], metrics["memory_kind"] = peak_memory_mb(device)
-    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+        rows[0]["metrics"].update(streamed)
+        rows[0]["peak"] = peak_memory_mb(device)
+    for row in rows:
+        row["metrics"]["peak_memory_mb"], row["metrics"]["memory_kind"] = row.pop("peak")
+        row["metrics"]["parameters"] = sum(p.numel() for p in model.parameters())
     resolved = {
         **asdict(config),
         "attention": attention_label(mechanism),
@@ -239,4 +305,40 @@ def evaluate(config: EvalConfig, progress=None, before_scoring=None) -> EvalResu
         "tokenizer": tokenizer.kind,
         "device": str(device),
     }
-    return EvalResult(resolved, metrics, device, mechanism_summary, scored)
+    if config.lengths is None:  # one length: the result as it always was
+        del resolved["lengths"]
+        row = rows[0]
+        return EvalResult(resolved, row["metrics"], device, row["mechanism"], row["scored"])
+    for row in rows:  # the mechanism's name, options and layers once; its kernels' metrics per length
+        row["mechanism_metrics"] = row.pop("mechanism")["metrics_mean"]
+    record = mechanism_record(model, mechanism, options, layers)
+    summary = {
+        "training_seq_len": trained,
+        "model_positions": max_positions(model.config),
+        # text: windows of every length from its first token, so equal counts are the same tokens
+        "same_text": len({row["scored"]["tokens"] for row in rows}) == 1 if spec.is_text else None,
+    }
+    shared = {key: record[key] for key in ("name", "options", "layers")}
+    return EvalResult(resolved, None, device, shared, None, rows, summary)
+
+
+def _score(model, dataset, config: EvalConfig, scored: dict, device: torch.device, progress) -> dict:
+    """The metrics of one length (`scored` gets the tokens and fingerprint); the kernels' metrics are
+    reset first, so that `mechanism_record` after it measures this length alone."""
+    fingerprint = TokenFingerprint()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_mechanism_metrics(model)
+    metrics = evaluate_lm(
+        model,
+        dataset,
+        batch_size=config.batch_size,
+        max_batches=config.max_batches,
+        max_samples=config.max_samples(scored["seq_len"]),
+        device=device,
+        precision=Precision(config.precision),
+        progress=progress,
+        fingerprint=fingerprint,
+    )
+    scored.update(tokens=metrics["tokens"], fingerprint=fingerprint.hexdigest())
+    return metrics

@@ -35,9 +35,13 @@ def _hf_config(source, vocab: int | None):
             if source.kind == "preset":
                 fields = dict(source.preset)
                 return AutoConfig.for_model(fields.pop("family"), **fields, vocab_size=vocab)
+            if source.kind == "gguf":  # the config a GGUF file states, without its quantization
+                config = AutoConfig.from_pretrained(source.name, gguf_file=source.file)
+                config.__dict__.pop("quantization_config", None)
+                return config
             return AutoConfig.from_pretrained(source.name, trust_remote_code=trust_remote_code())
     except Exception as error:  # unknown family, unreadable config.json: the run itself says it better
-        raise SetupError(f"cannot load the model {source.name}: {error}") from None
+        raise SetupError(f"cannot load the model {source.path}: {error}") from None
 
 
 def _meta_model(config):

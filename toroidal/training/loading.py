@@ -217,7 +217,7 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
 def _from_pretrained(spec: ModelSpec) -> LoadedModel:
     source, tokenizer = source_and_tokenizer(spec.pretrained, spec.tokenizer)
     model = build_model(source, tokenizer, seq_len=1, seed=spec.seed)
-    described = {"model": source.name, "model_kind": source.kind}
+    described = {"model": str(source.path) if source.file else source.name, "model_kind": source.kind}
     if spec.attention == "baseline":
         return LoadedModel(model.eval(), tokenizer, "baseline", None, [], described)
     max_len = spec.max_len or max_positions(model.config) or DEFAULT_MAX_LEN

@@ -35,7 +35,8 @@ from toroidal.training.data import (
     train_batch,
 )
 from toroidal.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from toroidal.training.errors import SetupError
+from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.frozen import FrozenBase, base_identity, save_tensors
 from toroidal.training.loggers import check_logger, open_logger
 from toroidal.training.mechanism import add_mechanism, mechanism_record, reset_mechanism_metrics
 from toroidal.training.metrics import Precision, evaluate_lm, token_losses
@@ -46,11 +47,14 @@ from toroidal.training.models import (
     freeze_base,
     make_toroidal_config,
     resolve_model,
+    source_tokenizer,
 )
 from toroidal.training.runs import (
     MODEL_DIR,
+    RESCUED,
     TOKENIZER_DIR,
     TRAIN_CONFIG,
+    check_savable,
     holds_run,
     read_train_config,
     save_mechanism,
@@ -62,7 +66,6 @@ from toroidal.training.runs import (
 from toroidal.training.tokenization import (
     BpeTokenizer,
     ByteTokenizer,
-    load_model_tokenizer,
     load_tokenizer,
     parse_tokenizer_spec,
 )
@@ -136,7 +139,7 @@ def _make_tokenizer(
                 f"--tokenizer model needs a local or hub model, not preset {source.name!r}",
                 "use --tokenizer bytes or bpe:VOCAB",
             )
-        return load_model_tokenizer(source.name)
+        return source_tokenizer(source)
     # bpe: rank 0 trains it on the training text and saves it with the run; the others read it back.
     if dist.is_main:
         if texts is not None:
@@ -192,6 +195,7 @@ class _Setup:
     trainable: int
     tokenizer_kind: str
     mechanism_options: dict | None = None  # the built options of a mechanism other than toroidal/standard
+    frozen: FrozenBase | None = None  # --freeze-base on a pretrained model: the run saves what it trains
 
 
 def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> _Setup:
@@ -214,6 +218,7 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
     val_set = make_dataset(spec, options, "validation", tokenizer, texts and texts["validation"])
 
     model = build_model(source, tokenizer, config.seq_len, config.seed, config.position)
+    base_keys = frozenset(model.state_dict())  # before any mechanism adds its tensors
     layers = check_layers(model, config.layers)
     toroidal, kernel_options = None, None
     if config.mechanism == "toroidal":
@@ -223,6 +228,12 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
         kernel_options = config.kernel_options()
         layers = add_mechanism(model, config.mechanism, kernel_options, layers)
     trainable = freeze_base(model, layers) if config.freeze_base else None
+    frozen = None
+    if config.freeze_base and source.kind != "preset":  # a preset's base is its seed: saved whole
+        frozen = FrozenBase(base_identity(source, model), base_keys)
+        if resume:
+            _check_same_base(run_dir, frozen.identity)
+    check_savable(model, frozen)  # before training, not after it
     params = sum(p.numel() for p in model.parameters())
     if config.grad_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -237,8 +248,21 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return _Setup(
         model, tokenizer, train_set, val_set, toroidal, layers, params, trainable or params, kind,
-        mechanism_options=kernel_options,
+        mechanism_options=kernel_options, frozen=frozen,
     )  # fmt: skip
+
+
+def _check_same_base(run_dir: Path, identity: dict) -> None:
+    """--resume on a frozen base: the base must be the one the run started from."""
+    _, info = read_train_config(run_dir)
+    started = (info.get("resolved") or {}).get("base")
+    if started is not None and started != identity:
+        where = started.get("path") or started.get("name")
+        sha = f" (SHA-256 {started['sha256']})" if started.get("sha256") else ""
+        raise SetupError(
+            f"--resume: the base model differs from the one the run started from, {where}{sha}",
+            "resume with the same base model",
+        )
 
 
 def _write_run_files(run_dir: Path, config: TrainConfig, setup: _Setup, resolved: dict) -> None:
@@ -363,6 +387,8 @@ def _train(
         "mechanism_layers": setup.layers if config.mechanism != "standard" else [],
         "mechanism_kernel_options": setup.mechanism_options,
     }
+    if setup.frozen is not None:  # what the saved parameters belong to
+        resolved["base"] = setup.frozen.identity
     model = setup.model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
@@ -370,8 +396,9 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "history": [], "evals": []}
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    trained = set(setup.frozen.trained_state(model)) if setup.frozen is not None else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, model, optimizer, trained)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     resumed_from = state["step"]
@@ -438,7 +465,7 @@ def _train(
                 started, tokens_before = time.perf_counter(), state["tokens"]
                 if dist.is_main:
                     state["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
-                    path = save_checkpoint(run_dir, step + 1, model, optimizer, state)
+                    path = _save_checkpoint(run_dir, step + 1, model, optimizer, state, setup)
                     emit(ProgressEvent("checkpoint", step + 1, total_steps, {"path": str(path)}))
                 barrier(dist)
     finally:
@@ -448,15 +475,47 @@ def _train(
     saved = config.save_every and state["step"] % config.save_every == 0
     if dist.is_main and stopped and state["step"] > resumed_from and not saved:
         state["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
-        path = save_checkpoint(run_dir, state["step"], model, optimizer, state)
+        path = _save_checkpoint(run_dir, state["step"], model, optimizer, state, setup)
         emit(ProgressEvent("checkpoint", state["step"], total_steps, {"path": str(path)}))
+    failed = None
     if dist.is_main and not stopped:
-        save_model(model, run_dir)
+        try:
+            save_model(model, run_dir, setup.frozen)
+        except Exception as error:  # never lose a finished run: keep what it trained
+            failed = _rescue(model, setup, run_dir, error)
     barrier(dist)
+    if failed is not None:
+        raise failed
 
     payload = _payload(state, setup, config, resolved, resumed_from)
     emit(ProgressEvent("done", state["step"], total_steps, payload["final"]))
     return TrainResult({**config.to_dict(), **resolved}, payload, run_dir, dist.is_main, device, stopped)
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, setup: _Setup) -> Path:
+    tensors = setup.frozen.trained_state(model) if setup.frozen is not None else None
+    return save_checkpoint(run_dir, step, model, optimizer, state, tensors=tensors)
+
+
+def _rescue(model, setup: _Setup, run_dir: Path, error: Exception) -> CheckpointError:
+    """After the model could not be saved: write its trained tensors (safetensors), and the error to raise."""
+    if setup.frozen is not None:
+        tensors = setup.frozen.trained_state(model)
+    else:
+        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    path = Path(run_dir) / RESCUED
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    try:
+        save_tensors(tensors, path)
+    except Exception as second:  # nothing more can be kept
+        return CheckpointError(
+            f"cannot save the trained model into {run_dir}: {reason}; nor its trained tensors: {second}"
+        )
+    return CheckpointError(
+        f"cannot save the trained model into {Path(run_dir) / MODEL_DIR}: {reason}; "
+        f"its {len(tensors)} trained tensors are in {path} (safetensors, state-dict names)"
+    )
 
 
 def _payload(state: dict, setup: _Setup, config: TrainConfig, resolved: dict, resumed_from: int) -> dict:

@@ -8,6 +8,7 @@ that family's config fields; the vocabulary and special token ids come from the 
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from toroidal.integrations.transformers import (
 from toroidal.runtime.install import config_folders
 from toroidal.training.data import check_seed
 from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.gguf_files import SUFFIX as GGUF_SUFFIX
+from toroidal.training.gguf_files import check_gguf, gguf_files
 from toroidal.training.hub import require_hub, trust_remote_code
 from toroidal.training.tokenization import ByteTokenizer, load_model_tokenizer, parse_tokenizer_spec
 
@@ -48,14 +51,21 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: a preset (its mapping), a local folder, or a hub name."""
+    """Where a model comes from: a preset (its mapping), a local folder, a hub name, or a GGUF file
+    (`name` its folder, `file` its name)."""
 
-    kind: str  # preset | local | hub
+    kind: str  # preset | local | hub | gguf
     name: str
     preset: dict | None = None
+    file: str | None = None  # gguf: the file in folder `name`
+
+    @property
+    def path(self) -> Path:
+        """The model's folder, or its GGUF file."""
+        return Path(self.name) / self.file if self.file else Path(self.name)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "preset": self.preset}
+        return {"kind": self.kind, "name": self.name, "preset": self.preset, "file": self.file}
 
 
 @contextlib.contextmanager
@@ -103,11 +113,21 @@ def resolve_model(spec: str) -> ModelSource:
         if not path.is_file():
             raise SetupError(f"model preset {spec} does not exist", "pass a YAML file or a preset name")
         return ModelSource("preset", path.stem, _read_preset(path))
+    if path.suffix.lower() == GGUF_SUFFIX:
+        if not path.is_file():
+            raise SetupError(f"model file {spec} does not exist", "pass an existing .gguf file")
+        return _gguf_source(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
+            found = gguf_files(path)
+            if len(found) == 1:  # a folder holding one GGUF model
+                return _gguf_source(found[0])
+            if found:
+                names = ", ".join(p.name for p in found)
+                raise SetupError(f"{spec} holds several GGUF files ({names})", "pass one of them as --model")
             raise SetupError(
                 f"{spec} is not a model folder (no config.json)",
-                "pass a folder written by save_pretrained, or a preset name",
+                "pass a folder written by save_pretrained, a .gguf file, or a preset name",
             )
         return ModelSource("local", str(path))
     if path.parent == Path("."):
@@ -143,7 +163,18 @@ def source_and_tokenizer(name: str, tokenizer_spec: str):
         )
     if kind == "model" and source.kind == "preset":
         raise SetupError(f"preset {source.name!r} has no tokenizer of its own", "use --tokenizer bytes")
-    return source, ByteTokenizer() if kind == "bytes" else load_model_tokenizer(source.name)
+    return source, ByteTokenizer() if kind == "bytes" else source_tokenizer(source)
+
+
+def source_tokenizer(source: ModelSource):
+    """The tokenizer of a local, hub or GGUF model (a GGUF file carries its own)."""
+    with quiet_transformers():
+        return load_model_tokenizer(source.name, gguf_file=source.file)
+
+
+def _gguf_source(path: Path) -> ModelSource:
+    check_gguf(path)  # readable, and of an architecture transformers loads: before anything is built
+    return ModelSource("gguf", str(path.parent), file=path.name)
 
 
 def _token_ids(tokenizer) -> dict:
@@ -154,9 +185,18 @@ def _token_ids(tokenizer) -> dict:
     }
 
 
-def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int, position: str = "rope") -> nn.Module:
+def build_model(
+    source: ModelSource,
+    tokenizer,
+    seq_len: int | None,
+    seed: int,
+    position: str = "rope",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The host model (sdpa attention), initialized from `seed` for presets; `position` (presets
-    only): `rope`, the family's own encoding, or `none`, no rotary encoding (`remove_rotary`)."""
+    only): `rope`, the family's own encoding, or `none`, no rotary encoding (`remove_rotary`).
+    A preset must state `seq_len` positions; None: no check (eval asks `length_refusal` per length).
+    `dtype`: a GGUF model's weights are dequantized to it (None: float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if position != "rope" and source.kind != "preset":
@@ -175,7 +215,7 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int, positio
         except (ValueError, TypeError, KeyError) as error:
             raise SetupError(f"model preset {source.name!r}: {error}", "fix the preset YAML") from None
         limit = max_positions(config)
-        if limit is not None and limit < seq_len:
+        if seq_len is not None and limit is not None and limit < seq_len:
             raise SetupError(
                 f"model {source.name!r} has {limit} positions, fewer than --seq-len {seq_len}",
                 f"use --seq-len {limit} or less",
@@ -188,12 +228,15 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int, positio
         return model
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
-                source.name, attn_implementation="sdpa", trust_remote_code=trust_remote_code()
-            )
+            if source.kind == "gguf":
+                model = load_gguf_model(source, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.name, attn_implementation="sdpa", trust_remote_code=trust_remote_code()
+                )
     except Exception as error:  # missing files, unknown architecture, corrupt weights: one line each
         raise SetupError(
-            f"cannot load model {source.name}: {_first_line(error)}", "check the model name or folder"
+            f"cannot load model {source.path}: {_first_line(error)}", "check the model name, folder or file"
         ) from None
     vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > vocab:
@@ -201,6 +244,39 @@ def build_model(source: ModelSource, tokenizer, seq_len: int, seed: int, positio
             f"the tokenizer has {tokenizer.vocab_size} tokens, model {source.name} only {vocab} embeddings",
             "use --tokenizer model",
         )
+    return model
+
+
+def load_gguf_model(source: ModelSource, dtype: torch.dtype | None = None) -> nn.Module:
+    """A GGUF file as an ordinary float model (float32 unless `dtype`): dequantized by transformers,
+    then without the quantization it remembers, so that `save_pretrained` writes it like any model."""
+    from transformers import AutoModelForCausalLM
+
+    options = {}
+    try:  # ask for dense weights: never GGUF blocks kept packed for a matmul kernel
+        from transformers import GgufConfig
+
+        options["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older releases always dequantize
+        pass
+    # The GGUF reader draws its own progress bar on stderr, past transformers' switch for bars.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name,
+            gguf_file=source.file,
+            dtype=dtype or torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code(),
+            **options,
+        )
+    # What may remain of the loading: the weights are plain tensors now, nothing is quantized.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model
 
 

@@ -3,7 +3,10 @@
     train_config.json   the run's options (TrainConfig) and what was derived from them
     toroidal.json       the ToroidalConfig and layers (toroidal runs only)
     mechanism.json      name, options and layers of any other mechanism but standard
-    model/              save_pretrained: config.json + model.safetensors (fusion parameters included)
+    model/              save_pretrained: config.json + model.safetensors (fusion parameters included);
+                        a --freeze-base run on a pretrained model (folder, hub, GGUF file) instead keeps
+                        config.json, base.json (the base's path, size and SHA-256) and
+                        trained.safetensors (the trained parameters): see frozen.py
     tokenizer/          the tokenizer (see tokenization.py)
     checkpoints/        training state for --resume (see checkpoint.py)
     metrics.json        the result record (written by the CLI)
@@ -24,6 +27,7 @@ from toroidal.config import ToroidalConfig
 from toroidal.training.checkpoint import list_checkpoints
 from toroidal.training.config import TrainConfig
 from toroidal.training.errors import CheckpointError, SetupError
+from toroidal.training.frozen import BASE_FILE, FrozenBase, load_frozen_model
 from toroidal.training.models import load_checkpoint_model
 from toroidal.training.tokenization import load_tokenizer
 
@@ -33,6 +37,7 @@ MECHANISM_CONFIG = "mechanism.json"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 METRICS = "metrics.json"
+RESCUED = "trained_parameters.safetensors"  # written only when the model itself could not be saved
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -81,15 +86,43 @@ def replace_folder(write, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, run_dir: Path) -> Path:
+def save_model(model, run_dir: Path, frozen: FrozenBase | None = None) -> Path:
+    """The trained model into `run_dir/model`: whole, or only what it trained on the `frozen` base."""
     from toroidal.training.models import quiet_transformers
 
     def write(folder: Path) -> None:
+        if frozen is not None:
+            frozen.save(model, folder)
+            return
         with quiet_transformers():
             model.save_pretrained(folder)  # safetensors, fusion parameters included
 
     replace_folder(write, Path(run_dir) / MODEL_DIR)
     return Path(run_dir) / MODEL_DIR
+
+
+def check_savable(model, frozen: FrozenBase | None = None) -> None:
+    """SetupError now, before any training, where `save_model` would refuse the model at the end."""
+    try:
+        model.config.to_json_string()  # config.json, written by either kind of save
+    except Exception as error:  # a value JSON cannot hold
+        raise SetupError(
+            f"the model cannot be saved: its config is not JSON ({_first_line(error)})",
+            "use another model",
+        ) from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if frozen is None and quantizer is not None and not quantizer.is_serializable():
+        method = getattr(quantizer.quantization_config, "quant_method", "its quantization")
+        raise SetupError(
+            f"the model cannot be saved whole: save_pretrained refuses a model quantized with "
+            f"{getattr(method, 'value', method)}",
+            "train with --freeze-base (only the trained parameters are saved) or use an unquantized model",
+        )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_tokenizer(tokenizer, run_dir: Path) -> None:
@@ -166,7 +199,13 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         name, options, layers = read_mechanism(run_dir)
         kernel = (name, options)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers, kernel, config.position)
+    if (run_dir / MODEL_DIR / BASE_FILE).is_file():  # the trained parameters of a pretrained base
+        attached = layers if toroidal is not None or kernel is not None else None
+        trained = layers if attached is not None else config.layers
+        folder = run_dir / MODEL_DIR
+        model = load_frozen_model(folder, tokenizer, toroidal, attached, kernel, config.seed, trained)
+    else:
+        model = load_checkpoint_model(run_dir / MODEL_DIR, toroidal, layers, kernel, config.position)
     vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > vocab:
         raise CheckpointError(

@@ -149,17 +149,24 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     )
 
 
-def load_model_tokenizer(source: str, local_only: bool = False) -> ModelTokenizer:
-    """The tokenizer of a local model folder or hub model."""
+def load_model_tokenizer(
+    source: str, local_only: bool = False, gguf_file: str | None = None
+) -> ModelTokenizer:
+    """The tokenizer of a local model folder or hub model, or of GGUF file `gguf_file` in folder `source`."""
     from transformers import AutoTokenizer
 
+    options = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code(), local_files_only=local_only
+            source, trust_remote_code=trust_remote_code(), local_files_only=local_only, **options
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # missing files, corrupt ones (a GGUF's converter raises its own types)
+        if not gguf_file and not isinstance(error, (OSError, ValueError)):
+            raise
+        where = Path(source) / gguf_file if gguf_file else source
+        text = str(error).strip()
         raise SetupError(
-            f"cannot load the tokenizer of {source}: {str(error).splitlines()[0]}",
+            f"cannot load the tokenizer of {where}: {text.splitlines()[0] if text else type(error).__name__}",
             "use --tokenizer bytes or bpe:VOCAB",
         ) from None
     return ModelTokenizer(tokenizer)

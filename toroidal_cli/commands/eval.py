@@ -8,11 +8,15 @@ name). `--split` picks the text scored (heldout by default: never what `train` t
 records the text (token count and fingerprint). `--compare OTHER.json` prints a table against
 another eval result, refusing one scored on other text unless `--force`;
 `--fail-on-regression PCT` makes a quality regression exit 1 (never across different text).
+
+`--seq-len 128,256,512` scores each length on the same text (length extrapolation): a row per
+length in the table and the result (`rows`, `summary`); `--compare` and the gate go length by
+length; `--plot FILE.png` draws perplexity versus length with the training length marked.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,12 +27,12 @@ from rich.text import Text
 from toroidal.training.errors import SetupError
 from toroidal.training.metric_names import STREAMING_METRICS
 from toroidal_cli import compare as comparing
-from toroidal_cli import dryrun, render
+from toroidal_cli import dryrun, lengths, plotting, render
 from toroidal_cli.errors import UserError
 from toroidal_cli.memory_check import refuse_if_too_big
 from toroidal_cli.options import OutOpt, check_out_path
 from toroidal_cli.progress import Progress
-from toroidal_cli.resolve import from_command_line
+from toroidal_cli.resolve import flag_name, from_command_line
 from toroidal_cli.results import capture_env, make_record, read_result, write_result
 from toroidal_cli.run_options import FIELD_OF, TrustRemoteCodeOpt, resolve_options, resolved_argv, setup_error
 from toroidal_cli.values import parse_float
@@ -100,8 +104,47 @@ COMPARE_KEYS = [render.Column("metric", no_wrap=True)]
 METRIC_COLUMNS = [render.Column("metric", no_wrap=True), render.Column("value", justify="right")]
 
 
+def length_comparison(this_rows: list[dict], other_rows: list[dict], gated: tuple[str, ...]) -> list[dict]:
+    """`compare` rows, one per length in either result (`match` says where it is missing), each
+    with the metrics both results have a number for at some length, in METRIC_ORDER."""
+
+    def numbers(rows):
+        return {n for row in rows for n, v in row["metrics"].items() if isinstance(v, (int, float))}
+
+    shared = numbers(this_rows) & numbers(other_rows)
+    names = sorted(shared, key=lambda n: (METRIC_ORDER + (n,)).index(n))
+    return comparing.compare(
+        [{"seq_len": row["seq_len"], **row["metrics"]} for row in other_rows],
+        [{"seq_len": row["seq_len"], **row["metrics"]} for row in this_rows],
+        ("seq_len",),
+        names,
+        direction=lambda row, name: DIRECTIONS.get(name),
+        gated=lambda row, name: name in gated,
+    )
+
+
+# Per length: these metrics' other and this values and the change (the full set goes to the JSON).
+LENGTH_SHOWN = (("perplexity", "ppl"), ("bits_per_byte", "bits/byte"), ("passkey_accuracy", "passkey"))
+LENGTH_SHOWN += (("tokens_per_s", "tokens/s"),)
+
+
+def _length_shown(compared: list[dict]) -> list[comparing.Shown]:
+    names = {name for row in compared for name in row["metrics"]}
+    shown = [(name, short) for name, short in LENGTH_SHOWN if name in names]
+    if "bits_per_byte" not in names and "bits_per_token" in names:
+        shown.insert(1, ("bits_per_token", "bits/token"))
+    return [
+        comparing.Shown(
+            name, this=f"{short} this", other=f"{short} other", delta=None, change=f"{short} Δ", better=None,
+            this_first=True, format=render.format_tokens_per_s if name == "tokens_per_s" else _number,
+        )
+        for name, short in shown
+    ]  # fmt: skip
+
+
 def _config_notes(this: dict, other: dict) -> list[str]:
-    keys = ("checkpoint", "model", "mechanism", "dataset", "split", "seq_len", "max_tokens", "max_batches")
+    keys = ("checkpoint", "model", "mechanism", "dataset", "split", "seq_len", "lengths", "max_tokens")
+    keys += ("max_batches",)
     keys += ("device",)
     return [
         f"{key}: {other.get(key)!r} -> {this.get(key)!r}" for key in keys if this.get(key) != other.get(key)
@@ -141,7 +184,7 @@ def command(
         Path | None, typer.Option(help="A `toroidal train` run folder (model, tokenizer, toroidal layers).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Instead: tiny, a preset, a model folder or a hub name.")
+        str | None, typer.Option(help="Instead: tiny, a preset, a model folder, a .gguf file or a hub name.")
     ] = None,
     position: Annotated[
         str, typer.Option(help="With a preset: rope (its own position encoding) or none (no rotary).")
@@ -182,7 +225,12 @@ def command(
     data_period: Annotated[int, typer.Option(help="periodic: pattern length.")] = 8,
     data_vocab: Annotated[int, typer.Option(help="periodic, sinusoidal: distinct tokens.")] = 16,
     passkey_digits: Annotated[int, typer.Option(help="passkey: digits of the pass key.")] = 5,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sample.")] = 128,
+    seq_len: Annotated[
+        str,
+        typer.Option(
+            help="Tokens per sample; several (128,256,512) score each on the same text, a row per length."
+        ),
+    ] = "128",
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 8,
     max_batches: Annotated[
         str, typer.Option(help="At most this many batches; none: all text, 16 of synthetic data.")
@@ -229,10 +277,19 @@ def command(
         ),
     ] = None,
     out: OutOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Draw perplexity versus length to this PNG, the training length marked (+ FILE.plot.json).",
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     check_out_path(out)
+    if plot is not None:
+        plotting.check_plot_out(plot, "--plot")
     threshold = (
         None if fail_on_regression is None else parse_float(fail_on_regression, "--fail-on-regression")
     )
@@ -243,22 +300,34 @@ def command(
     if unknown:
         raise UserError(f"--gate {unknown[0]!r} is not a comparable metric", f"use {', '.join(DIRECTIONS)}")
     other = read_result(compare, command="eval") if compare is not None else None  # fail before the work
-    if other is not None and not isinstance(other.get("metrics"), dict):
-        raise UserError(f"{compare} has no 'metrics'", "pass a file written by `toroidal eval --out`")
+    if other is not None and (lengths.is_multi(other) or not isinstance(other.get("metrics"), dict)):
+        lengths.result_rows(other, str(compare))  # malformed: one line now
     if force and other is None:
         raise UserError("--force only applies with --compare", "pass --compare OTHER.json or drop --force")
-    if other is not None and comparing.recorded_scored(other) is None:  # an older result: before the work
-        _refuse_across_texts(_text_mismatch({}, other, compare), force, threshold)
-
-    def before_scoring(scored: dict) -> None:  # a token count that differs already: refuse before the work
-        if other is not None and comparing.recorded_scored(other) is not None:
-            _refuse_across_texts(_text_mismatch(scored, other, compare), force, threshold)
-
     unused = [name for name in ("latent_size", "update") if not streaming and from_command_line(ctx, name)]
     if unused:
         flag = "--" + unused[0].replace("_", "-")
         raise UserError(f"{flag} only applies with --streaming", f"add --streaming or drop {flag}")
     values = _options(ctx, checkpoint, model)
+    several = values["lengths"] is not None
+    other_rows = lengths.result_rows(other, str(compare)) if other is not None and several else None
+    if other is not None and not several:  # one length: the other result's row at it, as one result
+        other = lengths.as_one_length(other, values["seq_len"], str(compare))
+    if other is not None and not several and comparing.recorded_scored(other) is None:  # before the work
+        _refuse_across_texts(_text_mismatch({}, other, compare), force, threshold)
+
+    def before_scoring(scored: dict) -> None:  # a token count that differs already: refuse before the work
+        if other is None:
+            return
+        if not several:
+            if comparing.recorded_scored(other) is not None:
+                _refuse_across_texts(_text_mismatch(scored, other, compare), force, threshold)
+            return
+        row = lengths.row_at(other_rows, scored["seq_len"])
+        if row is not None:
+            mismatch = _text_mismatch(scored, {"scored": row.get("scored")}, compare)
+            _refuse_across_texts(mismatch, force, threshold)
+
     values.update(streaming=streaming, latent_size=latent_size, update=update.strip().lower())
     from toroidal.training.evaluate import RUN_DEFAULTS, EvalConfig, evaluate
     from toroidal.training.footprint import eval_footprint
@@ -267,14 +336,19 @@ def command(
     try:
         with remote_code_trusted(trust_remote_code):
             config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, **values)
-            footprint = eval_footprint(config)
+            longest = replace(config, seq_len=max(config.lengths), lengths=None) if several else config
+            footprint = eval_footprint(longest)  # the longest window needs the most memory
             if dry_run:
+                shown = {**asdict(config), "out": out, "compare": compare}
+                shown.update({"plot": plot} if plot is not None else {})
+                if not several:
+                    del shown["lengths"]
                 found = dryrun.settings(
                     ctx,
-                    {**asdict(config), "out": out, "compare": compare},
+                    shown,
                     from_file=RUN_DEFAULTS if checkpoint is not None else (),
                     file_label=f"checkpoint {checkpoint}",
-                    params={field: name for name, field in FIELD_OF.items()},
+                    params={**{field: name for name, field in FIELD_OF.items()}, "lengths": "seq_len"},
                 )
                 dryrun.show("eval", found, footprint)
                 return
@@ -288,13 +362,21 @@ def command(
     except SetupError as error:
         raise setup_error(error) from None
 
+    argv = _argv(values, config, checkpoint, streaming, trust_remote_code)
+    source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['mechanism']} {model}"
+    label = checkpoint.resolve().name if checkpoint else f"{model} {result.config['mechanism']}"
+    if several:
+        against = _Against(other, other_rows, compare, force, threshold, gated) if other is not None else None
+        verdict = _several_lengths(result, config, source, label, against, argv, out, plot)
+        _exit_on(verdict, compare, threshold, gated)
+        return
+
     metrics = result.metrics
     rows = [
         {"metric": name, "value": _metric_value(name, metrics[name])}
         for name in METRIC_ORDER
         if metrics.get(name) is not None
     ]
-    source = f"checkpoint {checkpoint}" if checkpoint else f"{result.config['mechanism']} {model}"
     render.console.print(Text(f"toroidal eval: {source} on {config.dataset}"), soft_wrap=True)
     render.console.print(render.table(rows, METRIC_COLUMNS))
     scored = result.scored
@@ -326,16 +408,6 @@ def command(
             render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
         verdict = comparing.gate(compared, threshold) if threshold is not None and mismatch is None else None
     if out is not None:
-        if checkpoint is not None:  # the model options come from the checkpoint
-            names, extra = (
-                [n for n in OPTION_NAMES if n not in MODEL_OPTIONS],
-                ["--checkpoint", str(checkpoint)],
-            )
-        else:  # the resolved --mechanism stands in for its old name --attention
-            names, extra = [n for n in OPTION_NAMES if n != "attention"], []
-        resolved = {**values, "mechanism": config.mechanism}
-        extra += ["--trust-remote-code"] if trust_remote_code else []
-        argv = resolved_argv("eval", names + (STREAMING_OPTIONS if streaming else []), resolved, extra)
         payload = {"metrics": metrics, "scored": scored, "mechanism": result.mechanism}
         if other is not None and (mismatch is None or force):
             rows = [{"metric": row["metric"], **row["metrics"]["value"]} for row in compared]
@@ -344,7 +416,15 @@ def command(
                 payload["comparison"]["different_text"] = mismatch[0]
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
+    if plot is not None:
+        rows = [{"seq_len": config.seq_len, "metrics": metrics}]
+        plotting.plot_lengths(plotting.length_series([(label, rows, None)], "perplexity", False), plot)
     _refuse_across_texts(mismatch, force, threshold)  # after writing: the result itself stands
+    _exit_on(verdict, compare, threshold, gated)
+
+
+def _exit_on(verdict, compare: Path | None, threshold: float | None, gated: tuple[str, ...]) -> None:
+    """Exit 1 when the gate compared nothing or found a regression (`comparing.gate`'s verdict)."""
     if verdict is not None and not verdict.compared:
         # A gate that compared nothing must not pass: CI would go green on a broken baseline.
         names = ", ".join(gated)
@@ -353,9 +433,9 @@ def command(
         raise typer.Exit(1)
     if verdict is not None and verdict.worst is not None:
         worst = verdict.worst
-        line = (
-            f"{worst.row['metric']} is {worst.worse_pct:.2f}% worse than {compare} (threshold {threshold:g}%)"
-        )
+        name = worst.row.get("metric", worst.metric)  # one length: a row per metric; several: per length
+        at = f" at seq_len {worst.row['seq_len']}" if "seq_len" in worst.row else ""
+        line = f"{name}{at} is {worst.worse_pct:.2f}% worse than {compare} (threshold {threshold:g}%)"
         render.err_console.print(Text(f"toroidal eval: regression: {line}", style="bold red"), soft_wrap=True)
         raise typer.Exit(1)
 
@@ -380,7 +460,101 @@ def _options(ctx: typer.Context, checkpoint: Path | None, model: str | None) -> 
             defaults = {k: v for k, v in run_defaults(str(checkpoint)).items() if k in RUN_DEFAULTS}
         except SetupError as error:
             raise setup_error(error) from None
-    names = [name for name in OPTION_NAMES if name != "model"]
+    names = [name for name in OPTION_NAMES if name not in ("model", "seq_len")]
     values = resolve_options(ctx, names, defaults)
     values["model"] = model
+    given = from_command_line(ctx, "seq_len") or "seq_len" not in defaults
+    raw = ctx.params["seq_len"] if given else defaults["seq_len"]
+    where = flag_name("seq_len") if given else f"checkpoint {checkpoint}: seq_len"
+    values["seq_len"], values["lengths"] = lengths.parse_lengths(raw, where)
     return values
+
+
+def _argv(values: dict, config, checkpoint: Path | None, streaming: bool, trust_remote: bool) -> list[str]:
+    """The command line that reproduces this evaluation from its resolved values."""
+    if checkpoint is not None:  # the model options come from the checkpoint
+        names = [n for n in OPTION_NAMES if n not in MODEL_OPTIONS]
+        extra = ["--checkpoint", str(checkpoint)]
+    else:  # the resolved --mechanism stands in for its old name --attention
+        names, extra = [n for n in OPTION_NAMES if n != "attention"], []
+    resolved = {**values, "mechanism": config.mechanism, "seq_len": config.lengths or config.seq_len}
+    extra += ["--trust-remote-code"] if trust_remote else []
+    return resolved_argv("eval", names + (STREAMING_OPTIONS if streaming else []), resolved, extra)
+
+
+# --- several lengths ------------------------------------------------------------------------------------
+
+
+def _length_mismatch(rows: list[dict], other_rows: list[dict], compare: Path) -> tuple[str, str] | None:
+    """The first length both results scored on different text, as `_text_mismatch` says it."""
+    for row in rows:
+        other = lengths.row_at(other_rows, row["seq_len"])
+        if other is not None:
+            mismatch = _text_mismatch(row["scored"], {"scored": other.get("scored")}, compare)
+            if mismatch is not None:
+                return mismatch
+    return None
+
+
+@dataclass(frozen=True)
+class _Against:
+    """The result `--compare` names, its rows per length, and how to compare and gate."""
+
+    record: dict
+    rows: list[dict]
+    path: Path
+    force: bool
+    threshold: float | None
+    gated: tuple[str, ...]
+
+
+def _several_lengths(result, config, source: str, label: str, against, argv, out, plot):
+    """Render a row per length, compare length by length, write the result and the plot; returns
+    the gate's verdict (None: no gate). Refuses different text after writing, as one length does."""
+    rows, info = result.rows, result.summary
+    render.console.print(Text(f"toroidal eval: {source} on {config.dataset}"), soft_wrap=True)
+    render.console.print(lengths.table(rows, info))
+    for line in lengths.notes(rows, info, config.max_tokens):
+        render.console.print(Text(line, style="dim"), soft_wrap=True)
+    mismatch = _length_mismatch(rows, against.rows, against.path) if against is not None else None
+    compared = None
+    if against is not None and (mismatch is None or against.force):
+        compare, other, threshold = against.path, against.record, against.threshold
+        compared = length_comparison(rows, against.rows, against.gated)
+        both = [row for row in compared if row["match"] == "both"]
+        title = f"this run vs {compare}, per length"
+        caption = None if mismatch is None else Text(f"DIFFERENT TEXT (--force): {mismatch[0]}", "bold red")
+        keys = [render.Column("seq_len", "length", justify="right", no_wrap=True)]
+        render.console.print(comparing.table(both, _length_shown(both), keys, title, caption, threshold))
+        missing = {
+            where: ", ".join(str(row["seq_len"]) for row in compared if row["match"] == match)
+            for where, match in (("this run", "new_only"), (str(compare), "old_only"))
+        }
+        for where, found in missing.items():
+            if found:
+                render.console.print(Text(f"missing: length {found} only in {where}", style="yellow"))
+        if not both:
+            render.console.print(Text(f"no length is in both this run and {compare}", style="yellow"))
+        other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
+        for note in _config_notes(result.config, other_config):
+            render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
+        if mismatch is not None:
+            line = f"toroidal eval: warning: compared across different text (--force): {mismatch[0]}"
+            render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+    if out is not None:
+        payload = {"rows": rows, "summary": info, "mechanism": result.mechanism}
+        if compared is not None:
+            payload["comparison"] = {"other": str(compare), "same_text": mismatch is None, "rows": compared}
+            if mismatch is not None:
+                payload["comparison"]["different_text"] = mismatch[0]
+        record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
+        render.console.print(f"wrote {write_result(out, record)}")
+    if plot is not None:
+        series = plotting.length_series([(label, rows, info.get("training_seq_len"))], "perplexity", False)
+        plotting.plot_lengths(series, plot)
+    if against is None:
+        return None
+    _refuse_across_texts(mismatch, against.force, against.threshold)  # after writing: the result stands
+    if against.threshold is None or mismatch is not None:
+        return None
+    return comparing.gate(compared, against.threshold)

@@ -1,8 +1,8 @@
 """`toroidal plot`: pictures of bench results, training runs and attention patterns (a Typer sub-app).
 
 Each subcommand writes FILE.png and FILE.plot.json (the numbers drawn) next to it. Needs the
-`plot` extra (matplotlib). The drawing is `toroidal_cli.plotting`, which `bench --plot` and
-`train --plot` use too.
+`plot` extra (matplotlib). The drawing is `toroidal_cli.plotting`, which `bench --plot`,
+`train --plot` and `eval --plot` use too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 
 from toroidal import plots
 from toroidal.training.errors import CheckpointError  # (torch and the models: imported when drawn)
-from toroidal_cli import dryrun
+from toroidal_cli import dryrun, plotting
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
 from toroidal_cli.help import Command, Group
@@ -87,6 +87,40 @@ def train(
         dryrun.show("plot train", dryrun.settings(ctx, resolved, fallback="derived"))
         return
     plot_runs(runs, out)
+
+
+@app.command(
+    "lengths",
+    cls=Command,
+    help="Perplexity versus evaluation length from `toroidal eval --seq-len 128,256,...` results: a line "
+    "per file (or per label, with --group: the mean and the min-max band), training lengths marked.",
+)
+@user_errors("plot lengths")
+def lengths_plot(
+    ctx: typer.Context,
+    results: Annotated[list[Path], typer.Argument(help="Result files of `toroidal eval --out`.")],
+    out: OutOpt,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="A label per file, in order (default: the file names)."),
+    ] = None,
+    group: Annotated[
+        bool, typer.Option("--group", help="Average files with the same label (seeds of one arm).")
+    ] = False,
+    metric: Annotated[
+        str, typer.Option(help="perplexity, bits_per_byte, bits_per_token, loss or passkey_accuracy.")
+    ] = "perplexity",
+    dry_run: dryrun.DryRunOpt = False,
+) -> None:
+    check_plot_out(out)
+    metric = metric.strip().lower()
+    series = plotting.length_series(plotting.read_length_runs(results, label), metric, group)
+    if dry_run:
+        resolved = {"results": results, "label": label, "group": group, "metric": metric, "out": out}
+        resolved.update(lines=len(series), numbers=plots.json_path(out))
+        dryrun.show("plot lengths", dryrun.settings(ctx, resolved, fallback="derived"))
+        return
+    plotting.plot_lengths(series, out, metric)
 
 
 # Settings of `plot attention`: flags over the --config YAML over these defaults.

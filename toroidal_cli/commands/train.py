@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, 
 
 HELP = (
     "Train a language model with toroidal attention (or another mechanism) and write a run folder.\n\n"
-    "Models: tiny (default), a preset in configs/models, a local model folder or a hub name. "
+    "Models: tiny (default), a preset in configs/models, a local model folder, a .gguf file or a hub name. "
     "Data: periodic, sinusoidal, passkey, text:PATH, code:DIR[:EXT,...], wikitext2, hf:NAME[:CONFIG]. "
     "Under torchrun the run is data-parallel (gloo on CPU, nccl on CUDA)."
 )
@@ -145,7 +145,7 @@ def command(
         typer.Option("--config", "-c", help="YAML file or preset in configs/train; flags override its keys."),
     ] = None,
     model: Annotated[
-        str, typer.Option(help="tiny, a preset in configs/models, a model folder or hub name.")
+        str, typer.Option(help="tiny, a preset in configs/models, a model folder, a .gguf file or hub name.")
     ] = "tiny",
     position: Annotated[
         str, typer.Option(help="A preset's position encoding: rope (its own) or none (no rotary: NoPE).")

@@ -11,12 +11,14 @@ from toroidal.integrations.transformers.host import (
     attention_modules,
     host_keys,
     host_layers,
+    learned_positions,
     max_positions,
     platter_order,
 )
 from toroidal.integrations.transformers.mechanisms import (
     applied_mechanism,
     apply_mechanism,
+    length_refusal,
     load_mechanism_weights,
     mechanism_layers,
     mechanism_metrics,
@@ -53,6 +55,8 @@ __all__ = [
     "host_keys",
     "host_layers",
     "is_toroidal",
+    "learned_positions",
+    "length_refusal",
     "load_mechanism_weights",
     "load_toroidal_weights",
     "max_positions",

@@ -98,6 +98,25 @@ def max_positions(model_config) -> int | None:
     return positions or getattr(model_config, "n_positions", None)
 
 
+# The names a learned absolute position table goes by: GPT-2's `wpe`, OPT's and BART's
+# `embed_positions`, BERT-style `position_embeddings`.
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def learned_positions(model: nn.Module) -> tuple[str, int] | None:
+    """(module name, positions) of the host's learned absolute position table, None without one.
+
+    Such a table has a row per position and nothing past its last row. Rotary hosts compute
+    any position from it (RoPE), as do hosts without position encoding and ALiBi's bias.
+    """
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        table = name.rsplit(".", 1)[-1] in _POSITION_TABLES
+        if table and isinstance(module, nn.Embedding) and module is not inputs:
+            return name, module.num_embeddings - int(getattr(module, "offset", 0))  # OPT keeps 2 spare rows
+    return None
+
+
 # --- finding the layers ------------------------------------------------------------
 
 

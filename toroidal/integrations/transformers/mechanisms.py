@@ -4,6 +4,7 @@
     apply_mechanism(model, "toroidal", {"depth": 2})            # a ToroidalConfig or a dict
     mechanism_metrics(model)                                    # {layer: kernel.get_metrics()}
     remove_mechanism(model)                                     # the host's own attention again
+    length_refusal(model, 4096)                                 # why it cannot score 4096 tokens, or None
 
 Every mechanism plugs its kernel module in through the one attacher (`attach.py`), registered
 as `<name>+<host's>` (e.g. `tiled+sdpa`); `toroidal` is `apply_toroidal`, `standard` is the
@@ -18,9 +19,11 @@ import functools
 import numbers
 from dataclasses import fields
 
+import torch
 from torch import nn
 
 from toroidal.config import ToroidalConfig
+from toroidal.geometry import TorusGeometry
 from toroidal.integrations.transformers.attach import (
     KERNEL_ATTR,
     LayerState,
@@ -31,13 +34,19 @@ from toroidal.integrations.transformers.attach import (
     detach,
     load_attached_weights,
 )
-from toroidal.integrations.transformers.host import attention_modules, chosen_layers, max_positions
+from toroidal.integrations.transformers.host import (
+    attention_modules,
+    chosen_layers,
+    learned_positions,
+    max_positions,
+)
 from toroidal.integrations.transformers.toroidal import (
     TOROIDAL,
     apply_toroidal,
     is_toroidal,
     load_toroidal_weights,
 )
+from toroidal.kernels import KernelRequest, get_backend
 from toroidal.mechanisms import build_kernel, check_options, get_mechanism
 
 _CONFIG_FIELDS = {f.name for f in fields(ToroidalConfig)}  # what a dict for `toroidal` may hold
@@ -142,6 +151,47 @@ def load_mechanism_weights(model: nn.Module, source) -> None:
         return
     fix = "apply_mechanism with the name, options and layers the model was saved with"
     load_attached_weights(model, source, KERNEL_ATTR, "mechanism kernel", fix)
+
+
+# --- lengths -------------------------------------------------------------------------------------------
+
+
+def length_refusal(
+    model: nn.Module, length: int, device_type: str = "cpu", dtype: torch.dtype = torch.float32
+) -> str | None:
+    """Why `model` cannot score a window of `length` tokens in one pass, or None when it can.
+
+    Past `max_position_embeddings` is allowed wherever the positions are computed: rotary hosts
+    (RoPE takes any position), hosts without position encoding (NoPE), ALiBi, and every torus
+    mechanism (a causal layer's ring of period P = the training length wraps: that is its point).
+    Refused: a learned absolute position table (GPT-2's `wpe`) past its last row, and a kernel
+    pinned to a backend that cannot take the length (`decomposed` needs P >= N); `auto` moves on.
+    """
+    table = learned_positions(model)
+    if table is not None and length > table[1]:
+        name, rows = table
+        return (
+            f"{type(model).__name__} has {rows} positions, fewer than {length}: its learned absolute "
+            f"positions ({name}) have no row past {rows}"
+        )
+    modules = attention_modules(model)
+    for layer, state in attached(model).items():
+        config = getattr(state.kernel, "config", None)
+        if not isinstance(config, ToroidalConfig) or config.backend == "auto":
+            continue
+        causal = bool(getattr(modules[layer], "is_causal", True))
+        geometry = TorusGeometry(
+            depth=config.depth,
+            period=config.period_for(length, causal),
+            lambda_distance=float(config.lambda_distance),
+            causal=causal,
+            window=config.window,
+        )
+        request = KernelRequest(device_type, dtype, False, False, geometry, length, length, False)
+        reason = get_backend(config.backend).unavailable_reason(request)
+        if reason is not None:
+            return f"layer {layer} runs backend {config.backend!r}, which cannot take N={length}: {reason}"
+    return None
 
 
 # --- metrics -------------------------------------------------------------------------------------------
