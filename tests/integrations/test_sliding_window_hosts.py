@@ -18,6 +18,7 @@ from toroidal.integrations.transformers import (  # noqa: E402
     apply_mechanism,
     apply_toroidal,
     attention_modules,
+    length_refusal,
     platter_order,
     plug_mechanism,
     remove_mechanism,
@@ -240,3 +241,32 @@ def test_a_host_that_caps_its_scores_is_refused():
     ids, mask = padded_batch()
     with pytest.raises(ValueError, match="caps its attention scores"):
         run(model, ids, mask)
+
+
+def test_a_kernel_that_cannot_keep_the_window_is_refused_before_it_runs():
+    model = build("mistral")
+    apply_mechanism(model, "adaptive", layers=[0])
+    assert length_refusal(model, WINDOW) is None  # the window does not bite yet
+    reason = length_refusal(model, WINDOW + 1)
+    assert "layer 0 runs adaptive" in reason and f"({WINDOW} keys)" in reason
+    remove_mechanism(model)
+    apply_mechanism(model, "alibi", layers=[0])
+    assert length_refusal(model, 4 * WINDOW) is None
+
+
+def test_train_refuses_adaptive_where_the_host_window_bites_in_one_line(tmp_path):
+    from helpers import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from toroidal_cli.app import app
+
+    preset = tmp_path / "windowed.yaml"
+    preset.write_text(
+        "family: mistral\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\n"
+        "num_key_value_heads: 1\nintermediate_size: 64\nmax_position_embeddings: 64\nsliding_window: 8\n"
+    )
+    args = ["train", "--model", str(preset), "--mechanism", "adaptive", "--tokenizer", "bytes"]
+    args += ["--seq-len", "16", "--batch-size", "2", "--steps", "1", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert_one_line_error(result, "layer 0 runs adaptive", "sliding window (8 keys)")
+    assert not (tmp_path / "run" / "model").exists()

@@ -71,6 +71,8 @@ class AdaptiveDepthKernel(KernelModule):
     gate decision, or None), fill ('mean' or 'zeros'), init_depth (the untrained gate's choice).
     """
 
+    serves_sliding_window = False  # the depth gate reads the keys from position 0 on
+
     def __init__(self, heads: int, head_dim: int, **options):
         super().__init__()
         check_options("adaptive", options, ADAPTIVE_OPTIONS)

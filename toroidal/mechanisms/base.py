@@ -20,6 +20,8 @@ class KernelModule(nn.Module):
     still serves every other layer and call).
     """
 
+    serves_sliding_window = True  # False: the kernel refuses a host window in effect (hosts check first)
+
     def forward(
         self,
         q: torch.Tensor,

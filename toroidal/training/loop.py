@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from toroidal.integrations.transformers import length_refusal
 from toroidal.mechanisms.adaptive import adaptive_metrics, auxiliary_loss, reset_adaptive_metrics
 from toroidal.runtime.devices import DeviceError, parse_device
 from toroidal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -227,6 +228,9 @@ def _setup(config: TrainConfig, run_dir: Path, resume: bool, dist: DistInfo) -> 
     elif config.mechanism != "standard":
         kernel_options = config.kernel_options()
         layers = add_mechanism(model, config.mechanism, kernel_options, layers)
+    refusal = length_refusal(model, config.seq_len)
+    if refusal is not None:
+        raise SetupError(f"--seq-len {config.seq_len}: {refusal}", "use a shorter --seq-len or other layers")
     trainable = freeze_base(model, layers) if config.freeze_base else None
     frozen = None
     if config.freeze_base and source.kind != "preset":  # a preset's base is its seed: saved whole

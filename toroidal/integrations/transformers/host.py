@@ -224,6 +224,16 @@ def _keys_for_call(mask, n_q: int, n_k: int) -> KeyInfo:
     raise TypeError(f"toroidal layers cannot read a host attention mask of type {type(mask).__name__}")
 
 
+def host_window(module: nn.Module) -> int | None:
+    """The key window W (|i - j| < W) a host attention module declares, or None: Gemma- and Qwen2-style
+    modules carry their own (None in full-attention layers), Mistral-style ones read their config's."""
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    return int(window) if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
 def host_keys(label: str, mask, n_q: int, n_k: int, causal: bool, sliding_window=None) -> CallKeys:
     """The kernel's view of the host mask; refuses a mask that is not causal (or bidirectional)
     attention with padding, alone or cut by a sliding window.

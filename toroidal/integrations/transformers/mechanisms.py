@@ -37,6 +37,7 @@ from toroidal.integrations.transformers.attach import (
 from toroidal.integrations.transformers.host import (
     attention_modules,
     chosen_layers,
+    host_window,
     learned_positions,
     max_positions,
 )
@@ -164,8 +165,10 @@ def length_refusal(
     Past `max_position_embeddings` is allowed wherever the positions are computed: rotary hosts
     (RoPE takes any position), hosts without position encoding (NoPE), ALiBi, and every torus
     mechanism (a causal layer's ring of period P = the training length wraps: that is its point).
-    Refused: a learned absolute position table (GPT-2's `wpe`) past its last row, and a kernel
-    pinned to a backend that cannot take the length (`decomposed` needs P >= N); `auto` moves on.
+    Refused: a learned absolute position table (GPT-2's `wpe`) past its last row, a kernel that
+    cannot keep the host's sliding window once the length brings it into effect (`adaptive`), and
+    a kernel pinned to a backend that cannot take the length (`decomposed` needs P >= N); `auto`
+    moves on.
     """
     table = learned_positions(model)
     if table is not None and length > table[1]:
@@ -176,6 +179,13 @@ def length_refusal(
         )
     modules = attention_modules(model)
     for layer, state in attached(model).items():
+        window = host_window(modules[layer])
+        serves_window = state.takes_sliding_window and getattr(state.kernel, "serves_sliding_window", True)
+        if window is not None and length > window and not serves_window:
+            return (
+                f"layer {layer} runs {state.name}, which cannot keep the host's sliding window "
+                f"({window} keys) that N={length} brings into effect"
+            )
         config = getattr(state.kernel, "config", None)
         if not isinstance(config, ToroidalConfig) or config.backend == "auto":
             continue
