@@ -48,3 +48,15 @@ def test_longbench_runs_a_gguf_model(model, tmp_path):
     record = json.loads(out.read_text(encoding="utf-8"))
     assert record["models"]["toroidal"]["model"] == str(model)
     assert record["models"]["toroidal"]["model_kind"] == "gguf"
+
+
+def test_plot_attention_puts_toroidal_attention_into_a_gguf_model(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "att.png"
+    args = ["--model", str(model), "--text", "the cat sat", "--layer", "1", "--depth", "2", "--head", "1"]
+    done = runner.invoke(app, ["plot", "attention", *args, "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    numbers = json.loads(out.with_suffix(".plot.json").read_text(encoding="utf-8"))
+    assert numbers["settings"]["model"] == str(model) and numbers["settings"]["layer"] == 1
+    n = numbers["settings"]["tokens"]
+    assert len(numbers["platter_tokens"]) == 2 * n and len(numbers["positions"]) == n

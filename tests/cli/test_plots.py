@@ -214,7 +214,11 @@ def test_plot_attention_of_a_trained_run_on_text(run_dir, tmp_path):
     [
         (["--checkpoint", "RUN"], "--checkpoint needs --text"),
         (["--checkpoint", "RUN", "--text", "hi", "--depth", "4"], "--depth cannot change a trained run"),
-        (["--text", "hi"], "--text needs --checkpoint"),
+        (["--text", "hi"], "--text needs --checkpoint or --model"),
+        (["--model", "tiny"], "--model needs --text"),
+        (["--model", "tiny", "--text", "hi", "--seq-len", "8"], "--seq-len cannot change a pretrained model"),
+        (["--model", "tiny", "--checkpoint", "RUN", "--text", "hi"], "exclude each other"),
+        (["--model", "no/such.gguf", "--text", "hi"], "no/such.gguf"),
         (["--checkpoint", "RUN", "--text", "hi", "--layer", "9"], "layer 9 is not a toroidal layer"),
         (["--checkpoint", "RUN", "--text", "x" * 1500], "more than the 2048"),
         (["--checkpoint", "no/such/run", "--text", "hi"], "does not exist"),

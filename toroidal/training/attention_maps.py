@@ -1,4 +1,6 @@
-"""Attention weights to draw: one head of a seeded random layer, or of a trained run's toroidal layer."""
+"""Attention weights to draw: one head of a seeded random layer, of a trained run's toroidal layer, or of
+toroidal attention put into one layer of a pretrained model (untrained: what the torus does to its
+learned queries and keys)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ import torch
 from toroidal.attention import ToroidalAttention
 from toroidal.config import ToroidalConfig
 from toroidal.integrations.transformers import capture_attention
+from toroidal.training.models import (
+    add_toroidal,
+    build_model,
+    check_layers,
+    make_toroidal_config,
+    source_and_tokenizer,
+)
 from toroidal.training.runs import load_run
 
 
@@ -82,8 +91,39 @@ def trained_attention_weights(
     layer = layers[0] if layer is None else layer
     if layer not in layers:
         raise ValueError(f"layer {layer} is not a toroidal layer of {run_dir}; its toroidal layers: {layers}")
-    ids = run.tokenizer.encode(text).reshape(-1)
-    depth = run.toroidal.depth
+    return _weights(run.model, run.tokenizer, run.toroidal, text, layer, layers, head, max_tokens)
+
+
+def model_attention_weights(
+    model: str,
+    text: str,
+    *,
+    layer: int = 0,
+    head: int = 0,
+    torus: dict,
+    max_tokens: int,
+    tokenizer: str = "auto",
+) -> TrainedAttention:
+    """Weights of one head of toroidal attention put into `layer` of `model` (a preset, model folder,
+    GGUF file or hub name), untrained, for `text`. `torus`: depth, lambda_distance, window, period.
+
+    Raises ValueError for a text, layer or head that does not fit, `SetupError` for a model that
+    cannot be loaded.
+    """
+    source, tokens = source_and_tokenizer(model, tokenizer)
+    host = build_model(source, tokens, None, 0)
+    (layer,) = check_layers(host, [layer])
+    n = tokens.encode(text).numel()
+    config = make_toroidal_config({"fusion": "low_rank", "backend": "auto", **torus}, max(n, 1))
+    add_toroidal(host, config, [layer])
+    return _weights(host.eval(), tokens, config, text, layer, [layer], head, max_tokens)
+
+
+def _weights(
+    model, tokenizer, config: ToroidalConfig, text, layer, layers, head, max_tokens
+) -> TrainedAttention:
+    ids = tokenizer.encode(text).reshape(-1)
+    depth = config.depth
     if ids.numel() == 0:
         raise ValueError("the text has no tokens")
     if ids.numel() * depth > max_tokens:
@@ -91,12 +131,12 @@ def trained_attention_weights(
             f"the text has {ids.numel()} tokens, {ids.numel() * depth} platter tokens at D={depth}: "
             f"more than the {max_tokens} a heat map can show"
         )
-    heads = run.model.config.num_attention_heads
+    heads = model.config.num_attention_heads
     if not 0 <= head < heads:
         raise ValueError(f"head {head} is not one of the {heads} heads (0..{heads - 1})")
-    with torch.no_grad(), capture_attention(run.model, layer) as captured:
-        run.model(input_ids=ids[None])
-    tokens = [run.tokenizer.decode([int(token)]) for token in ids]
+    with torch.no_grad(), capture_attention(model, layer) as captured:
+        model(input_ids=ids[None])
+    tokens = [tokenizer.decode([int(token)]) for token in ids]
     # Causal language models ring with a fixed period (see integrations.transformers).
-    period = run.toroidal.period_for(ids.numel(), causal=True)
+    period = config.period_for(ids.numel(), causal=True)
     return TrainedAttention(captured[0][0, head].float(), depth, period, tokens, layer, layers)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from toroidal import plots
-from toroidal.training.errors import CheckpointError  # (torch and the models: imported when drawn)
+from toroidal.training.errors import CheckpointError, SetupError  # (torch and models: imported when drawn)
 from toroidal_cli import dryrun, plotting
 from toroidal_cli.config_paths import relative_to_file
 from toroidal_cli.errors import UserError, user_errors
@@ -135,17 +135,20 @@ ATTENTION_DEFAULTS = {
     "heads": 2,
     "seed": 0,
     "checkpoint": None,
+    "model": None,
     "text": None,
     "layer": None,
 }
 # What a trained run fixes itself: the model's own depth, lambda, window, period, causality, heads.
 RUN_FIXED = ("seq_len", "depth", "lambda", "window", "causal", "period", "heads", "seed")
-RANDOM_ONLY = ("text", "layer")  # meaningful only with a checkpoint
+# What a pretrained model fixes: its heads and causality; the text fixes N. The torus is the flags'.
+MODEL_FIXED = ("seq_len", "causal", "heads", "seed")
+RANDOM_ONLY = ("text", "layer")  # meaningful only with a checkpoint or a model
 
 
 def _attention_value(key: str, value, where: str):
     """One setting from a flag string or a YAML value, checked."""
-    if key in ("checkpoint", "text"):
+    if key in ("checkpoint", "model", "text"):
         return None if value is None else str(value)
     if key == "causal":
         return parse_bool(value, where)
@@ -173,7 +176,18 @@ def attention_settings(config: Path | None, flags: dict) -> dict:
     for key, value in {**from_file, **given}.items():
         where = f"--{key.replace('_', '-')}" if key in given else f"{key} in {config}"
         settings[key] = _attention_value(key, value, where)
-    if settings["checkpoint"] is not None:
+    if settings["checkpoint"] is not None and settings["model"] is not None:
+        raise UserError("--checkpoint and --model exclude each other", "pass one of them")
+    if settings["model"] is not None:
+        fixed = [key for key in MODEL_FIXED if key in given or key in from_file]
+        if fixed:
+            raise UserError(
+                f"--{fixed[0].replace('_', '-')} cannot change a pretrained model",
+                "drop it: the model fixes heads and causality, the text fixes the length",
+            )
+        if not settings["text"]:
+            raise UserError("--model needs --text", 'pass the text to run through it, e.g. --text "..."')
+    elif settings["checkpoint"] is not None:
         fixed = [key for key in RUN_FIXED if key in given or key in from_file]
         if fixed:
             raise UserError(
@@ -185,7 +199,10 @@ def attention_settings(config: Path | None, flags: dict) -> dict:
     else:
         extra = [key for key in RANDOM_ONLY if settings[key] is not None]
         if extra:
-            raise UserError(f"--{extra[0]} needs --checkpoint", "pass --checkpoint RUN_FOLDER or drop it")
+            raise UserError(
+                f"--{extra[0]} needs --checkpoint or --model",
+                "pass --checkpoint RUN_FOLDER or --model, or drop it",
+            )
     return settings
 
 
@@ -230,11 +247,32 @@ def _trained_weights(settings: dict):
         raise UserError(str(error), "pick another --text, --layer or --head") from None
 
 
+def _model_weights(settings: dict):
+    from toroidal.training import attention_maps
+
+    torus = {"depth": settings["depth"], "lambda_distance": settings["lambda"]}
+    torus.update(window=settings["window"], period=settings["period"])
+    try:
+        return attention_maps.model_attention_weights(
+            settings["model"],
+            settings["text"],
+            layer=settings["layer"] or 0,
+            head=settings["head"],
+            torus=torus,
+            max_tokens=MAX_ATTENTION_TOKENS,
+        )
+    except SetupError as error:
+        raise UserError(error.message, error.fix) from None
+    except ValueError as error:
+        raise UserError(str(error), "pick another --text, --layer, --head or torus option") from None
+
+
 @app.command(
     "attention",
     cls=Command,
-    help="Heat maps of one head's attention weights (reference backend): of a random module, or of a "
-    "trained run (--checkpoint) on real text (--text).",
+    help="Heat maps of one head's attention weights (reference backend): of a random module, of a "
+    "trained run (--checkpoint), or of toroidal attention put untrained into one layer of a pretrained "
+    "model (--model: a preset, folder, .gguf file or hub name), on real text (--text).",
 )
 @user_errors("plot attention")
 def attention(
@@ -246,9 +284,18 @@ def attention(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="A `toroidal train` run folder to draw.")
     ] = None,
-    text: Annotated[str | None, typer.Option("--text", help="Text to run through the checkpoint.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Instead: a pretrained model (preset, folder, .gguf or hub name)."),
+    ] = None,
+    text: Annotated[
+        str | None, typer.Option("--text", help="Text to run through the checkpoint or model.")
+    ] = None,
     layer: Annotated[
-        str | None, typer.Option("--layer", help="Toroidal layer of the checkpoint (default: the first).")
+        str | None,
+        typer.Option(
+            "--layer", help="Toroidal layer of the checkpoint (default: the first), or of --model [0]."
+        ),
     ] = None,
     seq_len: Annotated[str | None, typer.Option("--seq-len", "-n", help="Sequence length N [32].")] = None,
     depth: Annotated[str | None, typer.Option("--depth", "-d", help="Platters D per head [2].")] = None,
@@ -265,7 +312,8 @@ def attention(
     flags = {
         "seq_len": seq_len, "depth": depth, "lambda": lambda_, "window": window, "causal": causal,
         "period": period, "head": head, "heads": heads, "seed": seed,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None, "text": text, "layer": layer,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None, "model": model, "text": text,
+        "layer": layer,
     }  # fmt: skip
     settings = attention_settings(config, flags)
     if dry_run:
@@ -278,6 +326,19 @@ def attention(
             params={"lambda": "lambda_"},
         )
         dryrun.show("plot attention", found)
+        return
+    if settings["model"] is not None:
+        drawn = _model_weights(settings)
+        picture = {
+            "model": settings["model"],
+            "layer": drawn.layer,
+            "head": settings["head"],
+            "depth": drawn.depth,
+            "lambda": settings["lambda"],
+            "period": drawn.period,
+            "tokens": len(drawn.tokens),
+        }
+        write(plots.plot_attention, drawn.weights, drawn.depth, out, picture, drawn.tokens)
         return
     if settings["checkpoint"] is None:
         picture = {key: settings[key] for key in ("seq_len", "depth", "lambda", "window", "causal")}
