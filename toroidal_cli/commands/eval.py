@@ -151,6 +151,16 @@ def _config_notes(this: dict, other: dict) -> list[str]:
     ]
 
 
+def _comparison_notes(config, other: dict, mismatch) -> None:
+    """How the two runs' configs differ, and a warning when they were scored on different text."""
+    other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
+    for note in _config_notes(config, other_config):
+        render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
+    if mismatch is not None:
+        line = f"toroidal eval: warning: compared across different text (--force): {mismatch[0]}"
+        render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+
+
 def _text_mismatch(this_scored: dict, other: dict, compare: Path) -> tuple[str, str] | None:
     """(why, fix) when this result and `other` did not score the same text, else None."""
     other_scored = comparing.recorded_scored(other)
@@ -400,12 +410,7 @@ def command(
         render.console.print(
             comparing.table(compared, COMPARED, COMPARE_KEYS, title, caption, threshold=threshold)
         )
-        other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
-        for note in _config_notes(result.config, other_config):
-            render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
-        if mismatch is not None:
-            line = f"toroidal eval: warning: compared across different text (--force): {mismatch[0]}"
-            render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+        _comparison_notes(result.config, other, mismatch)
         verdict = comparing.gate(compared, threshold) if threshold is not None and mismatch is None else None
     if out is not None:
         payload = {"metrics": metrics, "scored": scored, "mechanism": result.mechanism}
@@ -535,12 +540,7 @@ def _several_lengths(result, config, source: str, label: str, against, argv, out
                 render.console.print(Text(f"missing: length {found} only in {where}", style="yellow"))
         if not both:
             render.console.print(Text(f"no length is in both this run and {compare}", style="yellow"))
-        other_config = other.get("config") if isinstance(other.get("config"), dict) else {}
-        for note in _config_notes(result.config, other_config):
-            render.console.print(Text(f"note: the runs differ in {note}", style="dim"))
-        if mismatch is not None:
-            line = f"toroidal eval: warning: compared across different text (--force): {mismatch[0]}"
-            render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
+        _comparison_notes(result.config, other, mismatch)
     if out is not None:
         payload = {"rows": rows, "summary": info, "mechanism": result.mechanism}
         if compared is not None:

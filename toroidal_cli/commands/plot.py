@@ -165,6 +165,15 @@ def _attention_value(key: str, value, where: str):
     return number
 
 
+def _source_fixes(settings: dict, fixed: tuple, chosen: dict, flag: str, what: str, why: str) -> None:
+    """A drawn run or model: no setting it fixes may be chosen, and it needs --text."""
+    chosen_fixed = [key for key in fixed if key in chosen]
+    if chosen_fixed:
+        raise UserError(f"--{chosen_fixed[0].replace('_', '-')} cannot change {what}", f"drop it: {why}")
+    if not settings["text"]:
+        raise UserError(f"{flag} needs --text", 'pass the text to run through it, e.g. --text "..."')
+
+
 def attention_settings(config: Path | None, flags: dict) -> dict:
     """The resolved settings: flags (None = not given) over the YAML file over ATTENTION_DEFAULTS."""
     from_file = {}
@@ -179,23 +188,11 @@ def attention_settings(config: Path | None, flags: dict) -> dict:
     if settings["checkpoint"] is not None and settings["model"] is not None:
         raise UserError("--checkpoint and --model exclude each other", "pass one of them")
     if settings["model"] is not None:
-        fixed = [key for key in MODEL_FIXED if key in given or key in from_file]
-        if fixed:
-            raise UserError(
-                f"--{fixed[0].replace('_', '-')} cannot change a pretrained model",
-                "drop it: the model fixes heads and causality, the text fixes the length",
-            )
-        if not settings["text"]:
-            raise UserError("--model needs --text", 'pass the text to run through it, e.g. --text "..."')
+        _source_fixes(settings, MODEL_FIXED, {**from_file, **given}, "--model", "a pretrained model",
+                      "the model fixes heads and causality, the text fixes the length")
     elif settings["checkpoint"] is not None:
-        fixed = [key for key in RUN_FIXED if key in given or key in from_file]
-        if fixed:
-            raise UserError(
-                f"--{fixed[0].replace('_', '-')} cannot change a trained run",
-                "drop it: the checkpoint fixes depth, lambda, window, period, causality and heads",
-            )
-        if not settings["text"]:
-            raise UserError("--checkpoint needs --text", 'pass the text to run through it, e.g. --text "..."')
+        _source_fixes(settings, RUN_FIXED, {**from_file, **given}, "--checkpoint", "a trained run",
+                      "the checkpoint fixes depth, lambda, window, period, causality and heads")
     else:
         extra = [key for key in RANDOM_ONLY if settings[key] is not None]
         if extra:
