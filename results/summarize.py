@@ -115,16 +115,6 @@ def extrapolation(folder: Path) -> str:
         rows.append([arm, str(len(results)), *cells])
     first = next(iter(arms.values()))[0]
     scored = first["rows"][0]["scored"]
-    runs = folder / "runs"
-    costs = []
-    for arm, results in arms.items():
-        seconds = [
-            read(runs / f"{arm}-seed{seed}" / "metrics.json")["timing"]["tokens_per_s"]
-            for seed in range(len(results))
-            if (runs / f"{arm}-seed{seed}" / "metrics.json").is_file()
-        ]
-        if seconds:
-            costs.append([arm, f"{statistics.mean(seconds):,.0f}"])
     parts = [
         "# Length extrapolation",
         f"Tiny Llama-family models trained from scratch at {train_len} byte tokens on WikiText-2 "
@@ -135,12 +125,6 @@ def extrapolation(folder: Path) -> str:
         "longest length over perplexity at the training length (1.00: no loss of quality).",
         table(header, rows),
     ]
-    if costs:
-        parts += [
-            "Training throughput (tokens/s, mean over seeds; measured while other jobs shared the "
-            "machine, so only a rough cost):",
-            table(["arm", "tokens/s"], costs),
-        ]
     parts.append("Plot: `extrapolation.png`. Reproduce: `bash results/extrapolation/run.sh`.")
     return "\n\n".join(parts) + "\n"
 
@@ -159,8 +143,12 @@ def passkey_rows(result: dict) -> dict[int, float]:
 
 
 def real_model(folder: Path) -> str:
-    names = ["base"] + [p.stem.removeprefix("eval-") for p in sorted(folder.glob("eval-*.json"))]
-    names = list(dict.fromkeys(n for n in names if (folder / f"eval-{n}.json").is_file()))
+    arms = [p.stem.removeprefix("eval-") for p in folder.glob("eval-*.json")]
+    # base first, then each trained set of layers: toroidal beside its standard-attention control
+    arms = sorted(
+        (n for n in arms if n != "base"), key=lambda n: (n.partition("-")[2], not n.startswith("toroidal"))
+    )
+    names = [n for n in ["base", *arms] if (folder / f"eval-{n}.json").is_file()]
     evals = {n: read(folder / f"eval-{n}.json") for n in names}
     lengths = sorted({n for r in evals.values() for n in length_rows(r)})
     passkeys = {
@@ -203,12 +191,30 @@ def real_model(folder: Path) -> str:
     if passkeys:
         samples = {row["samples"] for r in map(read, folder.glob("passkey-*.json")) for row in r["rows"]}
         passkey_note = f"Passkey: exact-match accuracy over {max(samples)} generated samples per length."
+    versus = []
+    for name in names:
+        control = name.replace("toroidal-", "standard-", 1)
+        if name.startswith("toroidal-") and control in evals:
+            deltas = [
+                length_rows(evals[name])[n]["perplexity"] / length_rows(evals[control])[n]["perplexity"] - 1
+                for n in lengths
+            ]
+            versus.append(
+                f"{name} vs {control}: "
+                + ", ".join(f"{d:+.1%} @ {n}" for d, n in zip(deltas, lengths, strict=True))
+            )
     parts = [
         "# A real pretrained model: SmolLM2-135M",
         f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), {machine(base)}. " + budget,
         f"Perplexity on the first {scored['tokens']:,} tokens of WikiText-2 test.txt at each length "
         "(the same text at every length). " + passkey_note,
         table(header, rows),
+        *(
+            ["Perplexity of each toroidal arm relative to its control (negative: toroidal is better):"]
+            if versus
+            else []
+        ),
+        *(f"- {line}" for line in versus),
         "Reproduce: `bash results/real-model/run.sh`.",
     ]
     return "\n\n".join(parts) + "\n"

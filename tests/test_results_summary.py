@@ -51,3 +51,13 @@ def test_real_model_lists_each_arm_with_its_passkey_accuracy(tmp_path):
     assert "| base | none | 0 | - | 24.90 | 19.80 | - |" in text
     assert "| toroidal-l0 | 0 | 1,234 | 300 | 30.00 | 40.00 | 50% |" in text
     assert "40,960 tokens" in text and "10 generated samples" in text
+
+
+def test_real_model_sets_each_toroidal_arm_beside_its_control(tmp_path):
+    write(tmp_path / "eval-base.json", eval_result(None, {512: 20.0}))
+    write(tmp_path / "eval-toroidal-l0.json", eval_result(512, {512: 22.0}))
+    write(tmp_path / "eval-standard-l0.json", eval_result(512, {512: 20.0}))
+    text = summarize.real_model(tmp_path)
+    order = [text.index(f"| {name} |") for name in ("base", "toroidal-l0", "standard-l0")]
+    assert order == sorted(order)
+    assert "- toroidal-l0 vs standard-l0: +10.0% @ 512" in text
