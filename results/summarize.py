@@ -102,7 +102,7 @@ def extrapolation(folder: Path) -> str:
         ["arm", "seeds"] + [f"{n} ({n // train_len}x)" for n in lengths] + [f"{lengths[-1]} / {train_len}"]
     )
     rows = []
-    for arm, results in arms.items():
+    for arm, results in sorted(arms.items()):
         per_length = [
             [length_rows(r)[n]["perplexity"] for r in results if n in length_rows(r)] for n in lengths
         ]
