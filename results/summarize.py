@@ -47,7 +47,7 @@ def bench_cpu(folder: Path) -> str:
         else:
             noisy = " (noisy)" if row.get("noisy") else ""
             text = (
-                f"{row['median_ms']:.1f} ms, {row['vs_standard']:.2f}x, "
+                f"{row['median_ms']:.1f} ms, {row['vs_standard']:.2f}x, {row['overhead']:.2f}x floor, "
                 f"{row['tflops'] * 1e3:.1f} GFLOP/s{noisy}"
             )
         cells[row["backend"], row["seq_len"]] = text
@@ -61,7 +61,9 @@ def bench_cpu(folder: Path) -> str:
                 f"depth {config['depth'][0]}, {config['heads'][0]} heads, d_model {config['d_model'][0]}, "
                 f"batch {config['batch'][0]}, {config['dtype'][0]}, mode {config['mode'][0]}, causal.",
                 "Each cell: median time of one call; its ratio to plain causal SDPA over the same N "
-                "tokens, timed in the same run (`vs_standard`); achieved GFLOP/s of the torus attention. "
+                "tokens, timed in the same run (`vs_standard`); its ratio to the floor, plain SDPA over "
+                "the N x D tokens of the torus (`overhead`, same run); achieved GFLOP/s of the torus "
+                "attention. "
                 "Rows marked noisy had a spread (IQR / median) above the sweep's threshold.",
                 table(["backend"] + [f"N = {n}" for n in lengths], rows),
                 f"{summary['ok']} rows measured, {summary['skipped']} skipped (over the memory budget), "

@@ -161,6 +161,14 @@ def _comparison_notes(config, other: dict, mismatch) -> None:
         render.err_console.print(Text(line, style="bold yellow"), soft_wrap=True)
 
 
+def _comparison_record(compare: Path, mismatch, rows: list) -> dict:
+    """The `comparison` entry of a result: which file, its rows, and whether the text was the same."""
+    record = {"other": str(compare), "same_text": mismatch is None, "rows": rows}
+    if mismatch is not None:
+        record["different_text"] = mismatch[0]
+    return record
+
+
 def _text_mismatch(this_scored: dict, other: dict, compare: Path) -> tuple[str, str] | None:
     """(why, fix) when this result and `other` did not score the same text, else None."""
     other_scored = comparing.recorded_scored(other)
@@ -416,9 +424,7 @@ def command(
         payload = {"metrics": metrics, "scored": scored, "mechanism": result.mechanism}
         if other is not None and (mismatch is None or force):
             rows = [{"metric": row["metric"], **row["metrics"]["value"]} for row in compared]
-            payload["comparison"] = {"other": str(compare), "same_text": mismatch is None, "rows": rows}
-            if mismatch is not None:
-                payload["comparison"]["different_text"] = mismatch[0]
+            payload["comparison"] = _comparison_record(compare, mismatch, rows)
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
     if plot is not None:
@@ -544,9 +550,7 @@ def _several_lengths(result, config, source: str, label: str, against, argv, out
     if out is not None:
         payload = {"rows": rows, "summary": info, "mechanism": result.mechanism}
         if compared is not None:
-            payload["comparison"] = {"other": str(compare), "same_text": mismatch is None, "rows": compared}
-            if mismatch is not None:
-                payload["comparison"]["different_text"] = mismatch[0]
+            payload["comparison"] = _comparison_record(compare, mismatch, compared)
         record = make_record("eval", result.config, payload, argv=argv, env=capture_env(result.device))
         render.console.print(f"wrote {write_result(out, record)}")
     if plot is not None:
