@@ -134,13 +134,13 @@ def extrapolation(folder: Path) -> str:
 # --- real-model --------------------------------------------------------------------------------------
 
 
-def passkey_rows(result: dict) -> dict[int, float]:
-    """context length -> passkey exact-match accuracy of a longbench result."""
+def retrieval_rows(result: dict) -> dict[tuple[str, int], float]:
+    """(task, context length) -> exact-match accuracy of a longbench result's passkey and needle tasks."""
     found = {}
     for row in result["rows"]:
-        task = row["task"]
-        if task.startswith("toroidal_passkey_") and row["metric"] == "exact_match":
-            found[int(task.rsplit("_", 1)[1])] = row["value"]
+        kind, _, length = row["task"].removeprefix("toroidal_").rpartition("_")
+        if kind in ("passkey", "needle") and row["metric"] == "exact_match":
+            found[kind, int(length)] = row["value"]
     return found
 
 
@@ -153,14 +153,15 @@ def real_model(folder: Path) -> str:
     names = [n for n in ["base", *arms] if (folder / f"eval-{n}.json").is_file()]
     evals = {n: read(folder / f"eval-{n}.json") for n in names}
     lengths = sorted({n for r in evals.values() for n in length_rows(r)})
-    passkeys = {
-        n: passkey_rows(read(folder / f"passkey-{n}.json"))
+    retrieval = {
+        n: retrieval_rows(read(folder / f"longbench-{n}.json"))
         for n in names
-        if (folder / f"passkey-{n}.json").is_file()
+        if (folder / f"longbench-{n}.json").is_file()
     }
-    key_lengths = sorted({n for r in passkeys.values() for n in r})
+    # passkey columns first, then needle, each by length
+    tasks = sorted({key for r in retrieval.values() for key in r}, key=lambda k: (k[0] != "passkey", k[1]))
     header = ["arm", "trained layers", "trainable params", "train time (s)"]
-    header += [f"ppl @ {n}" for n in lengths] + [f"passkey @ {n}" for n in key_lengths]
+    header += [f"ppl @ {n}" for n in lengths] + [f"{kind} @ {n}" for kind, n in tasks]
     rows = []
     for name in names:
         train = folder / f"train-{name}.json"
@@ -174,7 +175,8 @@ def real_model(folder: Path) -> str:
         else:
             trained = ["none", "0", "-"]
         ppl = [f"{length_rows(evals[name])[n]['perplexity']:.2f}" for n in lengths]
-        keys = [f"{passkeys[name][n]:.0%}" if n in passkeys.get(name, {}) else "-" for n in key_lengths]
+        found = retrieval.get(name, {})
+        keys = [f"{found[key]:.0%}" if key in found else "-" for key in tasks]
         rows.append([name] + trained + ppl + keys)
     base = evals["base"]
     scored = base["rows"][0]["scored"] if "rows" in base else base["scored"]
@@ -189,10 +191,13 @@ def real_model(folder: Path) -> str:
             f"AdamW lr {config['lr']}, "
             f"seed {config['seed']}; only the attention of the trained layers learns (--freeze-base). "
         )
-    passkey_note = ""
-    if passkeys:
-        samples = {row["samples"] for r in map(read, folder.glob("passkey-*.json")) for row in r["rows"]}
-        passkey_note = f"Passkey: exact-match accuracy over {max(samples)} generated samples per length."
+    retrieval_note = ""
+    if retrieval:
+        samples = {row["samples"] for r in map(read, folder.glob("longbench-*.json")) for row in r["rows"]}
+        retrieval_note = (
+            "Passkey and needle retrieval (`toroidal longbench`): exact-match accuracy over "
+            f"{max(samples)} generated samples per task and length."
+        )
     versus = []
     for name in names:
         control = name.replace("toroidal-", "standard-", 1)
@@ -209,7 +214,7 @@ def real_model(folder: Path) -> str:
         "# A real pretrained model: SmolLM2-135M",
         f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), {machine(base)}. " + budget,
         f"Perplexity on the first {scored['tokens']:,} tokens of WikiText-2 test.txt at each length "
-        "(the same text at every length). " + passkey_note,
+        "(the same text at every length). " + retrieval_note,
         table(header, rows),
         *(
             ["Perplexity of each toroidal arm relative to its control (negative: toroidal is better):"]

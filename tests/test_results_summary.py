@@ -34,12 +34,15 @@ def test_extrapolation_gives_mean_and_spread_per_arm_and_length(tmp_path):
     assert "256 (2x)" in text and "4,096 tokens of test.txt" in text
 
 
-def test_real_model_lists_each_arm_with_its_passkey_accuracy(tmp_path):
+def test_real_model_lists_each_arm_with_its_retrieval_accuracy(tmp_path):
     write(tmp_path / "eval-base.json", eval_result(None, {512: 24.9, 1024: 19.8}))
     write(tmp_path / "eval-toroidal-l0.json", eval_result(512, {512: 30.0, 1024: 40.0}))
-    row = {"task": "toroidal_passkey_512", "metric": "exact_match", "value": 0.5, "samples": 10}
-    passkey = {"rows": [row]}
-    write(tmp_path / "passkey-toroidal-l0.json", passkey)
+    rows = [
+        {"task": "toroidal_needle_512", "metric": "exact_match", "value": 0.7, "samples": 10},
+        {"task": "toroidal_passkey_512", "metric": "exact_match", "value": 0.5, "samples": 10},
+        {"task": "toroidal_passkey_512", "metric": "contains", "value": 0.9, "samples": 10},
+    ]
+    write(tmp_path / "longbench-toroidal-l0.json", {"rows": rows})
     train = {
         "config": {"layers": [0], "steps": 40, "batch_size": 2, "seq_len": 512, "lr": 1e-4, "seed": 0},
         "model": {"trainable_parameters": 1234},
@@ -48,8 +51,9 @@ def test_real_model_lists_each_arm_with_its_passkey_accuracy(tmp_path):
     }
     write(tmp_path / "train-toroidal-l0.json", train)
     text = summarize.real_model(tmp_path)
-    assert "| base | none | 0 | - | 24.90 | 19.80 | - |" in text
-    assert "| toroidal-l0 | 0 | 1,234 | 300 | 30.00 | 40.00 | 50% |" in text
+    assert "| ppl @ 512 | ppl @ 1024 | passkey @ 512 | needle @ 512 |" in text
+    assert "| base | none | 0 | - | 24.90 | 19.80 | - | - |" in text
+    assert "| toroidal-l0 | 0 | 1,234 | 300 | 30.00 | 40.00 | 50% | 70% |" in text
     assert "40,960 tokens" in text and "10 generated samples" in text
 
 

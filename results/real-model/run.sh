@@ -8,7 +8,9 @@
 #   standard-l0-3   control: layers 0-3's own attention trained the same way
 # Fine-tuning: WikiText-2 valid.txt, 512-token samples, 40 steps x 2 samples (41k tokens), AdamW
 # lr 1e-4. Evaluation: perplexity on the first 16,384 tokens of WikiText-2 test.txt at 512 and 1024
-# tokens; passkey retrieval at 512, 1024 and 2048 tokens (10 samples each).
+# tokens; passkey and needle retrieval (toroidal longbench) at 512, 1024 and 2048 tokens, 10 samples
+# each. A controlled comparison needs each toroidal arm beside its own trained control, so every arm
+# runs longbench on its own (`longbench --both` would set a toroidal run beside the untouched base).
 # Takes about 80 minutes on 2 CPU cores.
 #
 #   GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf WIKITEXT=/path/to/wikitext-2 bash results/real-model/run.sh
@@ -26,14 +28,14 @@ score() {  # score NAME MODEL-FLAGS...: perplexity at 512 and 1024 tokens
     --seq-len 512,1024 --batch-size 1 --out "$here/eval-$name.json"
 }
 
-passkey() {  # passkey NAME MODEL-FLAGS...: passkey retrieval accuracy at 512, 1024 and 2048 tokens
+retrieval() {  # retrieval NAME MODEL-FLAGS...: passkey and needle accuracy at 512, 1024 and 2048 tokens
   local name="$1"; shift
-  toroidal longbench "$@" --tasks passkey --lengths 512,1024,2048 --limit 10 \
-    --out "$here/passkey-$name.json"
+  toroidal longbench "$@" --tasks passkey,needle --lengths 512,1024,2048 --limit 10 \
+    --out "$here/longbench-$name.json"
 }
 
 score base --model "$gguf"
-passkey base --model "$gguf" --baseline
+retrieval base --model "$gguf" --baseline
 
 for arm in toroidal-l0 standard-l0 toroidal-l0-3 standard-l0-3; do
   case "$arm" in
@@ -54,7 +56,7 @@ for arm in toroidal-l0 standard-l0 toroidal-l0-3 standard-l0-3; do
   fi
   cp "$run/metrics.json" "$here/train-$arm.json"
   score "$arm" --checkpoint "$run"
-  passkey "$arm" --checkpoint "$run"
+  retrieval "$arm" --checkpoint "$run"
 done
 
 python "$here/../summarize.py" real-model "$here" > "$here/summary.md"
