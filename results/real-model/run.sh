@@ -11,7 +11,7 @@
 # tokens; passkey and needle retrieval (toroidal longbench) at 512, 1024 and 2048 tokens, 10 samples
 # each. A controlled comparison needs each toroidal arm beside its own trained control, so every arm
 # runs longbench on its own (`longbench --both` would set a toroidal run beside the untouched base).
-# Takes about 80 minutes on 2 CPU cores.
+# Takes about 40 minutes on 2 idle CPU cores.
 #
 #   GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf WIKITEXT=/path/to/wikitext-2 bash results/real-model/run.sh
 set -euo pipefail
