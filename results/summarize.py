@@ -153,11 +153,10 @@ def real_model(folder: Path) -> str:
     names = [n for n in ["base", *arms] if (folder / f"eval-{n}.json").is_file()]
     evals = {n: read(folder / f"eval-{n}.json") for n in names}
     lengths = sorted({n for r in evals.values() for n in length_rows(r)})
-    retrieval = {
-        n: retrieval_rows(read(folder / f"longbench-{n}.json"))
-        for n in names
-        if (folder / f"longbench-{n}.json").is_file()
+    longbench = {
+        n: read(folder / f"longbench-{n}.json") for n in names if (folder / f"longbench-{n}.json").is_file()
     }
+    retrieval = {n: retrieval_rows(result) for n, result in longbench.items()}
     # passkey columns first, then needle, each by length
     tasks = sorted({key for r in retrieval.values() for key in r}, key=lambda k: (k[0] != "passkey", k[1]))
     header = ["arm", "trained layers", "trainable params", "train time (s)"]
@@ -193,7 +192,7 @@ def real_model(folder: Path) -> str:
         )
     retrieval_note = ""
     if retrieval:
-        samples = {row["samples"] for r in map(read, folder.glob("longbench-*.json")) for row in r["rows"]}
+        samples = {row["samples"] for result in longbench.values() for row in result["rows"]}
         retrieval_note = (
             "Passkey and needle retrieval (`toroidal longbench`): exact-match accuracy over "
             f"{max(samples)} generated samples per task and length."
